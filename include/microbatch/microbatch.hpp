@@ -1,0 +1,12 @@
+// microbatch: header-only micro-batching for C++20. The one header to include.
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include "batcher.hpp"  // IWYU pragma: export
+#include "clock.hpp"    // IWYU pragma: export
+#include "errors.hpp"   // IWYU pragma: export
+#include "options.hpp"  // IWYU pragma: export
+
+#define MICROBATCH_VERSION_MAJOR 0
+#define MICROBATCH_VERSION_MINOR 1
+#define MICROBATCH_VERSION_PATCH 0

@@ -1,0 +1,74 @@
+// microbatch: options, statistics and shutdown modes.
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+
+namespace microbatch {
+
+class clock;  // clock.hpp
+
+/// What `submit` does when `Options::max_pending_jobs` jobs are already pending.
+enum class Overflow {
+  block,   ///< wait until a job completes (or shutdown begins, or the caller's stop_token fires)
+  reject,  ///< throw `queue_full` at once
+};
+
+/// How `shutdown` treats jobs that are queued but not yet handed to the processor.
+enum class Shutdown {
+  drain,   ///< dispatch them and wait for their results (what `shutdown()` does)
+  cancel,  ///< fail them with `batcher_closed`; batches already in the processor still finish
+};
+
+/// How a `Batcher` forms and runs batches. An aggregate: use designated initialisers,
+/// e.g. `Options{.max_batch_size = 100, .max_batch_delay = std::chrono::milliseconds(2)}`.
+/// The constructor checks the preconditions and throws `std::invalid_argument` naming the field.
+struct Options {
+  /// Dispatch a batch as soon as it holds this many jobs. Default 64: large enough that the
+  /// per-batch cost (one query, one RPC) is amortised ~64-fold, small enough for a SQL `IN`/`ANY`
+  /// list or an RPC payload. 0 = no size limit (only the delay, flush or shutdown dispatch).
+  std::size_t max_batch_size = 64;
+
+  /// Dispatch a batch this long after its first job arrived, full or not. Default 1 ms: about one
+  /// round trip to a database or service in the same data centre, so batching costs a lightly
+  /// loaded caller at most about one extra round trip. 0 = no timer. Precondition: >= 0.
+  std::chrono::nanoseconds max_batch_delay{std::chrono::milliseconds(1)};
+
+  /// How many batches the processor may work on at once, each on its own batcher-owned thread.
+  /// Default 1: the processor is never called concurrently. Precondition: >= 1.
+  std::size_t max_concurrent_batches = 1;
+
+  /// Bound on jobs submitted and not yet completed (queued, in a batch, or in the processor).
+  /// 0 = unbounded. Precondition: 0, or >= max_batch_size (else a batch could never fill).
+  std::size_t max_pending_jobs = 0;
+
+  /// What `submit` does at `max_pending_jobs`.
+  Overflow overflow = Overflow::block;
+
+  /// The time source for delays, deadlines and arrival times. nullptr (default) =
+  /// `std::chrono::steady_clock`. Tests pass a `manual_clock` to drive time by hand. Not owned:
+  /// it must outlive the batcher.
+  microbatch::clock* clock = nullptr;
+};
+
+/// A snapshot of a batcher's counters, all since construction. Taken without stopping the batcher:
+/// counters are read one by one, so they may disagree by the jobs in flight at that instant, but
+/// `jobs_completed + jobs_failed <= jobs_submitted` always holds.
+struct Stats {
+  std::uint64_t jobs_submitted = 0;  ///< accepted by submit / execute_job
+  std::uint64_t jobs_completed = 0;  ///< ended with a result
+  std::uint64_t jobs_failed = 0;     ///< ended with an error (any cause, including the three below)
+  std::uint64_t batches = 0;         ///< batches dispatched
+  std::uint64_t batches_full = 0;       ///< ... because they reached max_batch_size
+  std::uint64_t batches_timed_out = 0;  ///< ... because max_batch_delay passed
+  std::uint64_t batches_flushed = 0;    ///< ... by flush() or shutdown()
+  std::uint64_t uncorrelated_results = 0;  ///< results that matched no job of their batch (dropped)
+  std::uint64_t pending_jobs = 0;          ///< submitted and not yet completed, now
+  std::uint64_t jobs_expired = 0;          ///< failed with deadline_exceeded
+  std::uint64_t jobs_cancelled = 0;        ///< failed with cancelled
+  std::uint64_t jobs_rejected = 0;         ///< submits that threw queue_full (never accepted)
+};
+
+}  // namespace microbatch
