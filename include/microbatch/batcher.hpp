@@ -126,12 +126,12 @@ class Batcher {
     throw_if_closed();
     if (deadline != time_point::max() && deadline <= now())
       throw deadline_exceeded("microbatch::Batcher::submit: the deadline passed before the job was submitted");
-    auto node = std::make_unique<detail::promise_node<Job, Result>>(std::move(job));
-    node->deadline = deadline;
-    std::future<Result> future = node->promise.get_future();
+    auto submitted = std::make_unique<detail::promise_node<Job, Result>>(std::move(job));
+    submitted->deadline = deadline;
+    std::future<Result> future = submitted->promise.get_future();
     reserve_pending_slot(std::stop_token{});
-    enqueue(node.get());
-    node.release();  // the batcher owns it now
+    enqueue(submitted.get());
+    submitted.release();  // the batcher owns it now
     return future;
   }
 
@@ -139,11 +139,11 @@ class Batcher {
   /// throws). The job's node lives in this call's frame: no allocation by the batcher. Thread-safe.
   Result execute_job(Job job) {
     throw_if_closed();
-    detail::waiting_node<Job, Result> node(std::move(job));
+    detail::waiting_node<Job, Result> waiting(std::move(job));
     reserve_pending_slot(std::stop_token{});
-    enqueue(&node);
-    node.done.wait();
-    return node.take();
+    enqueue(&waiting);
+    waiting.done.wait();
+    return waiting.take();
   }
 
   /// As `execute_job(job)`, and returns promptly with `cancelled` when `stop` is requested before the
@@ -155,21 +155,21 @@ class Batcher {
     throw_if_closed();
     if (stop.stop_requested())
       throw cancelled("microbatch::Batcher::execute_job: stop was requested before the job was submitted");
-    auto* node = new detail::shared_waiting_node<Job, Result>(std::move(job));
+    auto* shared = new detail::shared_waiting_node<Job, Result>(std::move(job));
     try {
       reserve_pending_slot(stop);
-      enqueue(node);
+      enqueue(shared);
     } catch (...) {
-      delete node;  // never published: no one else holds it
+      delete shared;  // never published: no one else holds it
       throw;
     }
     {
-      std::stop_callback on_stop(stop, [this, node] { cancel_job(node); });
-      node->done.wait();
+      std::stop_callback on_stop(stop, [this, shared] { cancel_job(shared); });
+      shared->done.wait();
     }  // returns only after a concurrently running cancel_job has returned
-    std::exception_ptr error = node->error;
-    std::optional<Result> value = error ? std::nullopt : std::move(node->value);
-    node->release();
+    std::exception_ptr error = shared->error;
+    std::optional<Result> value = error ? std::nullopt : std::move(shared->value);
+    shared->release();
     if (error) std::rethrow_exception(error);
     return std::move(*value);
   }
@@ -231,8 +231,8 @@ class Batcher {
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
  private:
-  using node = detail::job_node<Job, Result>;
-  using batch = std::vector<node*>;
+  using node_type = detail::job_node<Job, Result>;
+  using batch = std::vector<node_type*>;
   enum class failure { other, expired, cancelled };
   static constexpr std::uint64_t never = std::numeric_limits<std::uint64_t>::max();
 
@@ -278,7 +278,7 @@ class Batcher {
       collector_ = std::jthread([this] { collect(); });
       workers_.reserve(options_.max_concurrent_batches);
       for (std::size_t i = 0; i < options_.max_concurrent_batches; ++i)
-        workers_.emplace_back([this, runner = make_runner_()] { work(*runner); });
+        workers_.emplace_back([this, worker_runner = make_runner_()] { work(*worker_runner); });
     } catch (...) {
       begin_shutdown(Shutdown::drain);
       if (collector_.joinable()) collector_.join();
@@ -342,10 +342,10 @@ class Batcher {
 
   /// Hands `job` to the collector (ownership passes on success) or throws batcher_closed. Wakes the
   /// collector only when this job starts a batch, fills it, or has a deadline sooner than its timer.
-  void enqueue(node* job) {
+  void enqueue(node_type* job) {
     const time_point deadline = job->deadline;  // after the push, the node may already be gone
-    const auto pushed = inbox_.push(job, [this](node* first) { first->arrival = now(); });
-    if (pushed == detail::inbox<node>::push_result::closed) {
+    const auto pushed = inbox_.push(job, [this](node_type* first) { first->arrival = now(); });
+    if (pushed == detail::inbox<node_type>::push_result::closed) {
       release_pending_slot();
       throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
     }
@@ -380,14 +380,14 @@ class Batcher {
 
   // ---- the one place where a job ends ----
 
-  void end_job(node* job, Result&& value) noexcept {
+  void end_job(node_type* job, Result&& value) noexcept {
     if (!job->try_claim()) return job->abandon();
     jobs_completed_.fetch_add(1, std::memory_order_release);
     release_pending_slot();
     job->finish(std::move(value));
   }
 
-  void end_job(node* job, std::exception_ptr error, failure cause = failure::other) noexcept {
+  void end_job(node_type* job, std::exception_ptr error, failure cause = failure::other) noexcept {
     if (!job->try_claim()) return job->abandon();
     count_failure(cause);
     release_pending_slot();
@@ -444,11 +444,11 @@ class Batcher {
         flush_ticket = flush_requested_;
         stopping = shutdown_requested_;
       }
-      node* arrived = stopping ? inbox_.close() : inbox_.take_all();
+      node_type* arrived = stopping ? inbox_.close() : inbox_.take_all();
       const time_point now_time = now();
 
       while (arrived != nullptr) {
-        node* job = arrived;
+        node_type* job = arrived;
         arrived = job->next;  // read before dispatch: a worker may end the job at once
         ++taken;
         if (forming.empty()) batch_start = job->arrival != time_point::min() ? job->arrival : now_time;
@@ -533,7 +533,7 @@ class Batcher {
     time_point earliest = time_point::max();
     batch expired;
     auto sweep = [&](batch& jobs) {
-      std::erase_if(jobs, [&](node* job) {
+      std::erase_if(jobs, [&](node_type* job) {
         if (job->claimed() || job->deadline <= now_time) {
           expired.push_back(job);
           return true;
@@ -547,7 +547,7 @@ class Batcher {
       std::lock_guard lock(ready_mutex_);
       for (auto& queued : ready_) sweep(queued);
     }
-    for (node* job : expired) end_job(job, expired_error(), failure::expired);  // a cancelled job is only abandoned
+    for (node_type* job : expired) end_job(job, expired_error(), failure::expired);  // a cancelled job is only abandoned
     return earliest;
   }
 
@@ -560,7 +560,7 @@ class Batcher {
     }
     queued.push_back(std::move(forming));
     for (auto& jobs : queued)
-      for (node* job : jobs)
+      for (node_type* job : jobs)
         end_job(job, std::make_exception_ptr(batcher_closed(
                          "microbatch::Batcher: shutdown(Shutdown::cancel) began before the job was processed")));
     forming.clear();
@@ -568,7 +568,7 @@ class Batcher {
 
   // ---- worker threads ----
 
-  void work(runner_base& runner) {
+  void work(runner_base& batch_runner) {
     detail_current_batcher() = this;
     batch jobs;
     for (;;) {
@@ -580,7 +580,7 @@ class Batcher {
         jobs = std::move(ready_.front());
         ready_.pop_front();
       }
-      runner.run(jobs);
+      batch_runner.run(jobs);
       jobs.clear();
     }
   }
@@ -590,7 +590,7 @@ class Batcher {
   std::function<std::unique_ptr<runner_base>()> make_runner_;
 
   // Submission side: touched by every submitter, so each hot atomic has its own cache line.
-  detail::inbox<node> inbox_;
+  detail::inbox<node_type> inbox_;
   alignas(64) std::atomic<std::uint64_t> jobs_accepted_{0};
   alignas(64) std::atomic<std::uint64_t> wake_at_accepted_{1};  // collector: wake me when jobs_accepted_ gets here
   std::atomic<time_point::rep> planned_wake_{time_point::max().time_since_epoch().count()};  // collector's timer
@@ -656,7 +656,7 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
     jobs_.clear();
     admitted_.clear();
     jobs_.reserve(offered.size());
-    for (node* job : offered) {
+    for (node_type* job : offered) {
       if (job->claimed()) {  // cancelled while queued
         job->abandon();
         continue;
@@ -695,7 +695,7 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
       results = std::invoke(owner_.processor_, std::span<Job>(jobs_));
     } catch (...) {
       const std::exception_ptr error = std::current_exception();
-      for (node* job : admitted_) owner_.end_job(job, error);
+      for (node_type* job : admitted_) owner_.end_job(job, error);
       jobs_.clear();
       return;
     }
@@ -725,7 +725,7 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
   Batcher& owner_;
   Correlation correlation_;
   std::vector<Job> jobs_;       // the span handed to the processor; capacity reused
-  std::vector<node*> admitted_;  // admitted_[i] owns jobs_[i]
+  std::vector<node_type*> admitted_;  // admitted_[i] owns jobs_[i]
   std::vector<bool> answered_;
 };
 

@@ -105,7 +105,7 @@ class manual_clock final : public clock {
 
   void unsubscribe(detail::clock_sleeper& sleeper) noexcept override {
     std::lock_guard lock(mutex_);
-    std::erase_if(sleepers_, [&](const entry& e) { return e.sleeper == &sleeper; });
+    std::erase_if(sleepers_, [&](const sleeper_entry& e) { return e.sleeper == &sleeper; });
   }
 
   void sleeping(detail::clock_sleeper& sleeper, time_point wake_at) noexcept override {
@@ -123,7 +123,7 @@ class manual_clock final : public clock {
 
   // ---- implementation details follow ----
  private:
-  struct entry {
+  struct sleeper_entry {
     detail::clock_sleeper* sleeper;
     time_point wake_at;
     std::uint64_t generation;  // generation_ when the sleeper last went to sleep
@@ -132,7 +132,7 @@ class manual_clock final : public clock {
   std::atomic<std::int64_t> now_ns_{std::chrono::nanoseconds(std::chrono::hours(1)).count()};
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  std::vector<entry> sleepers_;    // guarded by mutex_
+  std::vector<sleeper_entry> sleepers_;    // guarded by mutex_
   std::uint64_t generation_ = 1;   // guarded by mutex_; counts advance() calls
 };
 

@@ -23,7 +23,7 @@ using time_point = std::chrono::steady_clock::time_point;
 template <class Job, class Result>
 class job_node {
  public:
-  explicit job_node(Job&& job) : job(std::move(job)) {}
+  explicit job_node(Job&& submitted) : job(std::move(submitted)) {}
   job_node(const job_node&) = delete;
   job_node& operator=(const job_node&) = delete;
 

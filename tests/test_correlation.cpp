@@ -1,0 +1,216 @@
+// Matching results to jobs: by ID (any invocable) or by position; duplicates, gaps and strays.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+
+#include "support.hpp"
+
+using namespace test;
+using microbatch::Options;
+
+namespace {
+const Options three_per_batch{.max_batch_size = 3, .max_batch_delay = 0s};
+
+std::string error_message(std::future<Result>& future) {
+  try {
+    future.get();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
+}  // namespace
+
+TEST_CASE("results in any order reach the job with the same ID", "[correlation]") {
+  auto reversed = [](std::span<Job> jobs) {
+    auto results = doubled(jobs);
+    std::reverse(results.begin(), results.end());
+    return results;
+  };
+  microbatch::Batcher batcher(reversed, &Job::id, &Result::id, three_per_batch);
+  auto a = batcher.submit({10, 1});
+  auto b = batcher.submit({20, 2});
+  auto c = batcher.submit({30, 3});
+  CHECK(a.get().value == 2);
+  CHECK(b.get().value == 4);
+  CHECK(c.get().value == 6);
+  CHECK(batcher.stats().uncorrelated_results == 0);
+}
+
+TEST_CASE("positional mode: result i answers job i", "[correlation]") {
+  auto process = [](std::span<Job> jobs) {
+    std::vector<Result> results;
+    for (const Job& job : jobs) results.push_back({0, job.value + 100});  // IDs ignored
+    return results;
+  };
+  microbatch::Batcher<Job, Result, decltype(process)> batcher(process, three_per_batch);
+  auto a = batcher.submit({1, 1});
+  auto b = batcher.submit({1, 2});  // same ID is fine: there are no IDs here
+  auto c = batcher.submit({1, 3});
+  CHECK(a.get().value == 101);
+  CHECK(b.get().value == 102);
+  CHECK(c.get().value == 103);
+}
+
+TEST_CASE("positional mode: missing tail results fail with no_result, extra results are counted", "[correlation]") {
+  std::size_t answers = 2;
+  auto process = [&](std::span<Job> jobs) {
+    std::vector<Result> results;
+    for (std::size_t i = 0; i < answers; ++i) results.push_back({0, jobs[0].value + int(i)});
+    return results;
+  };
+  microbatch::Batcher<Job, Result, decltype(process)> batcher(process, three_per_batch);
+  auto a = batcher.submit({1, 10});
+  auto b = batcher.submit({2, 20});
+  auto c = batcher.submit({3, 30});
+  CHECK(a.get().value == 10);
+  CHECK(b.get().value == 11);
+  CHECK_THROWS_AS(c.get(), microbatch::no_result);
+  batcher.shutdown();
+  CHECK(batcher.stats().jobs_failed == 1);
+
+  answers = 5;
+  microbatch::Batcher<Job, Result, decltype(process)> second(process, three_per_batch);
+  std::vector<std::future<Result>> futures;
+  for (std::uint64_t id = 1; id <= 3; ++id) futures.push_back(second.submit({id, 7}));
+  for (auto& f : futures) f.get();
+  second.shutdown();
+  CHECK(second.stats().uncorrelated_results == 2);
+}
+
+TEST_CASE("a later job with an earlier job's ID fails with duplicate_id and is not processed", "[correlation]") {
+  batch_log log;
+  auto process = [&](std::span<Job> jobs) {
+    log.record(jobs);
+    return doubled(jobs);
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, three_per_batch);
+  auto first = batcher.submit({5, 1});
+  auto other = batcher.submit({6, 2});
+  auto duplicate = batcher.submit({5, 3});
+  CHECK(first.get().value == 2);
+  CHECK(other.get().value == 4);
+  CHECK_THROWS_AS(duplicate.get(), microbatch::duplicate_id);
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{5, 6}});
+  auto stats = batcher.stats();
+  CHECK(stats.jobs_completed == 2);
+  CHECK(stats.jobs_failed == 1);
+}
+
+TEST_CASE("a job without a result fails with no_result naming its ID", "[correlation]") {
+  auto drop_seven = [](std::span<Job> jobs) {
+    auto results = doubled(jobs);
+    std::erase_if(results, [](const Result& r) { return r.id == 7; });
+    return results;
+  };
+  microbatch::Batcher batcher(drop_seven, &Job::id, &Result::id, three_per_batch);
+  auto a = batcher.submit({6, 1});
+  auto b = batcher.submit({7, 1});
+  auto c = batcher.submit({8, 1});
+  CHECK(a.get().value == 2);
+  CHECK(c.get().value == 2);
+  auto message = error_message(b);
+  CHECK_THAT(message, Catch::Contains("no result") && Catch::Contains("ID 7"));
+  auto d = batcher.submit({9, 1});
+  batcher.flush();
+  CHECK(d.get().value == 2);
+}
+
+TEST_CASE("stray and second results are dropped and counted - the first answer wins", "[correlation]") {
+  auto noisy = [](std::span<Job> jobs) {
+    std::vector<Result> results;
+    for (const Job& job : jobs) {
+      results.push_back({job.id, job.value});
+      results.push_back({job.id, -1});  // a second answer for the same job
+    }
+    results.push_back({999, 0});  // answers nobody
+    return results;
+  };
+  microbatch::Batcher batcher(noisy, &Job::id, &Result::id, three_per_batch);
+  std::vector<std::future<Result>> futures;
+  for (std::uint64_t id = 1; id <= 3; ++id) futures.push_back(batcher.submit({id, int(id)}));
+  for (std::uint64_t id = 1; id <= 3; ++id) CHECK(futures[id - 1].get().value == int(id));
+  batcher.shutdown();
+  CHECK(batcher.stats().uncorrelated_results == 4);
+}
+
+namespace {
+struct Named {
+  std::string name;
+  const std::string& key() const { return name; }
+};
+struct Greeting {
+  std::string name, text;
+};
+std::string greeting_name(const Greeting& g) { return g.name; }
+}  // namespace
+
+TEST_CASE("ID extractors: member functions, free functions, lambdas - keys compared after decay", "[correlation]") {
+  auto greet = [](std::span<Named> jobs) {
+    std::vector<Greeting> results;
+    for (const Named& job : jobs) results.push_back({job.name, "hello " + job.name});
+    return results;
+  };
+  microbatch::Batcher<Named, Greeting, decltype(greet)> batcher(greet, &Named::key, &greeting_name, three_per_batch);
+  auto a = batcher.submit({"ann"});
+  auto b = batcher.submit({"bob"});
+  auto c = batcher.submit({"cy"});
+  CHECK(a.get().text == "hello ann");
+  CHECK(b.get().text == "hello bob");
+  CHECK(c.get().text == "hello cy");
+
+  auto by_lambda = [](const Named& n) -> const std::string& { return n.name; };
+  microbatch::Batcher<Named, Greeting, decltype(greet)> second(greet, by_lambda, &Greeting::name, three_per_batch);
+  auto d = second.submit({"dee"});
+  second.flush();
+  CHECK(d.get().text == "hello dee");
+}
+
+namespace {
+struct MoveOnlyJob {
+  std::uint64_t id;
+  std::unique_ptr<int> payload;
+};
+class MoveOnlyResult {  // no default constructor
+ public:
+  MoveOnlyResult(std::uint64_t id, std::unique_ptr<int> payload) : id_(id), payload_(std::move(payload)) {}
+  std::uint64_t id() const { return id_; }
+  int value() const { return *payload_; }
+
+ private:
+  std::uint64_t id_;
+  std::unique_ptr<int> payload_;
+};
+}  // namespace
+
+TEST_CASE("move-only jobs and results without a default constructor", "[correlation]") {
+  auto process = [](std::span<MoveOnlyJob> jobs) {
+    std::vector<MoveOnlyResult> results;
+    for (MoveOnlyJob& job : jobs) results.emplace_back(job.id, std::move(job.payload));
+    return results;
+  };
+  microbatch::Batcher<MoveOnlyJob, MoveOnlyResult, decltype(process)> batcher(process, &MoveOnlyJob::id,
+                                                                               &MoveOnlyResult::id, three_per_batch);
+  auto a = batcher.submit({1, std::make_unique<int>(11)});
+  auto b = batcher.submit({2, std::make_unique<int>(22)});
+  auto c = std::async(std::launch::async, [&] { return batcher.execute_job({3, std::make_unique<int>(33)}); });
+  CHECK(a.get().value() == 11);
+  CHECK(b.get().value() == 22);
+  CHECK(c.get().value() == 33);
+}
+
+TEST_CASE("a throwing job ID extractor fails only that job", "[correlation]") {
+  auto id_of = [](const Job& job) {
+    if (job.value < 0) throw std::domain_error("bad job id");
+    return job.id;
+  };
+  microbatch::Batcher<Job, Result, decltype(&doubled)> batcher(&doubled, id_of, &Result::id, three_per_batch);
+  auto a = batcher.submit({1, 1});
+  auto bad = batcher.submit({2, -1});
+  auto c = batcher.submit({3, 3});
+  CHECK(a.get().value == 2);
+  CHECK_THROWS_AS(bad.get(), std::domain_error);
+  CHECK(c.get().value == 6);
+}

@@ -1,0 +1,137 @@
+// Shutdown: drains or cancels, releases blocked callers, is idempotent, and futures outlive it.
+#include <catch2/catch.hpp>
+
+#include <memory>
+
+#include "support.hpp"
+
+using namespace test;
+using microbatch::Options;
+
+TEST_CASE("shutdown dispatches queued jobs and returns after they ended", "[shutdown]") {
+  batch_log log;
+  auto process = [&](std::span<Job> jobs) {
+    log.record(jobs);
+    return doubled(jobs);
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 4, .max_batch_delay = 1h});
+  std::vector<std::future<Result>> futures;
+  for (std::uint64_t id = 1; id <= 10; ++id) futures.push_back(batcher.submit({id, 1}));
+  batcher.shutdown();
+  for (auto& f : futures) REQUIRE(is_ready(f));
+  for (auto& f : futures) CHECK(f.get().value == 2);
+  CHECK(log.sizes() == std::vector<std::size_t>{4, 4, 2});
+  auto stats = batcher.stats();
+  CHECK(stats.batches_full == 2);
+  CHECK(stats.batches_flushed == 1);
+  CHECK(stats.pending_jobs == 0);
+  CHECK(stats.jobs_completed == 10);
+}
+
+TEST_CASE("submit and execute_job after shutdown throw batcher_closed", "[shutdown]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id);
+  batcher.shutdown();
+  CHECK_THROWS_AS(batcher.submit({1, 1}), microbatch::batcher_closed);
+  CHECK_THROWS_AS(batcher.submit({1, 1}, std::chrono::steady_clock::now() - 1s), microbatch::batcher_closed);
+  CHECK_THROWS_AS(batcher.execute_job({1, 1}), microbatch::batcher_closed);
+  std::stop_source stop;
+  CHECK_THROWS_AS(batcher.execute_job({1, 1}, stop.get_token()), microbatch::batcher_closed);
+  batcher.flush();  // no effect, no hang
+  CHECK(batcher.stats().jobs_submitted == 0);
+}
+
+TEST_CASE("shutdown is idempotent and safe from several threads at once", "[shutdown]") {
+  gate held;
+  auto process = [&](std::span<Job> jobs) {
+    held.enter();
+    return doubled(jobs);
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  auto first = batcher.submit({1, 1});
+  held.await_entered();
+  auto second = batcher.submit({2, 2});
+  std::vector<std::thread> closers;
+  std::atomic<int> returned_after_all_ended{0};  // Catch2 assertions are not thread-safe: count here
+  for (int i = 0; i < 4; ++i) {
+    closers.emplace_back([&] {
+      batcher.shutdown();
+      if (is_ready(first) && is_ready(second)) returned_after_all_ended.fetch_add(1);
+    });
+  }
+  held.open();
+  for (auto& t : closers) t.join();
+  CHECK(returned_after_all_ended.load() == 4);
+  batcher.shutdown();
+  CHECK(first.get().value == 2);
+  CHECK(second.get().value == 4);
+}
+
+TEST_CASE("the destructor drains, and futures outlive the batcher", "[shutdown]") {
+  std::vector<std::future<Result>> futures;
+  {
+    auto batcher = std::make_unique<microbatch::Batcher<Job, Result, decltype(&doubled)>>(
+        &doubled, &Job::id, &Result::id, Options{.max_batch_size = 100, .max_batch_delay = 1h});
+    for (std::uint64_t id = 1; id <= 5; ++id) futures.push_back(batcher->submit({id, int(id)}));
+  }
+  for (std::uint64_t id = 1; id <= 5; ++id) CHECK(futures[id - 1].get().value == 2 * int(id));
+}
+
+TEST_CASE("Shutdown::cancel fails queued jobs with batcher_closed - the running batch finishes", "[shutdown]") {
+  gate held;
+  batch_log log;
+  auto process = [&](std::span<Job> jobs) {
+    log.record(jobs);
+    held.enter();
+    return doubled(jobs);
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 1h});
+  auto a = batcher.submit({1, 1});
+  auto b = batcher.submit({2, 2});
+  held.await_entered();  // batch {1, 2} is in the processor
+  std::vector<std::future<Result>> queued;
+  for (std::uint64_t id = 3; id <= 7; ++id) queued.push_back(batcher.submit({id, 1}));  // {3,4}, {5,6} and 7
+  std::thread closer([&] { batcher.shutdown(microbatch::Shutdown::cancel); });
+  for (auto& f : queued) CHECK_THROWS_AS(f.get(), microbatch::batcher_closed);  // while batch 1 still runs
+  held.open();
+  closer.join();
+  CHECK(a.get().value == 2);
+  CHECK(b.get().value == 4);
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{1, 2}});
+  auto stats = batcher.stats();
+  CHECK(stats.jobs_completed == 2);
+  CHECK(stats.jobs_failed == 5);
+  CHECK(stats.pending_jobs == 0);
+}
+
+TEST_CASE("a submit blocked by backpressure is released by shutdown with batcher_closed", "[shutdown]") {
+  for (auto how : {microbatch::Shutdown::drain, microbatch::Shutdown::cancel}) {
+    gate held;
+    auto process = [&](std::span<Job> jobs) {
+      held.enter();
+      return doubled(jobs);
+    };
+    microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1, .max_pending_jobs = 1});
+    auto first = batcher.submit({1, 1});
+    held.await_entered();
+    // The slot is taken until the gate opens, so this submit cannot succeed before shutdown begins.
+    auto blocked = std::async(std::launch::async, [&] { return batcher.submit({2, 2}); });
+    std::thread closer([&] { batcher.shutdown(how); });
+    CHECK_THROWS_AS(blocked.get(), microbatch::batcher_closed);
+    held.open();
+    closer.join();
+    CHECK(first.get().value == 2);
+  }
+}
+
+TEST_CASE("shutdown called from inside the processor begins the shutdown without deadlock", "[shutdown]") {
+  microbatch::Batcher<Job, Result, std::function<std::vector<Result>(std::span<Job>)>>* self = nullptr;
+  std::function<std::vector<Result>(std::span<Job>)> process = [&](std::span<Job> jobs) {
+    self->shutdown();
+    return doubled(jobs);
+  };
+  microbatch::Batcher<Job, Result, std::function<std::vector<Result>(std::span<Job>)>> batcher(
+      process, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  self = &batcher;
+  CHECK(batcher.execute_job({1, 3}).value == 6);
+  CHECK_THROWS_AS(batcher.submit({2, 2}), microbatch::batcher_closed);
+}
