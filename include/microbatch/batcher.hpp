@@ -167,11 +167,12 @@ class Batcher {
       std::stop_callback on_stop(stop, [this, shared] { cancel_job(shared); });
       shared->done.wait();
     }  // returns only after a concurrently running cancel_job has returned
-    std::exception_ptr error = shared->error;
-    std::optional<Result> value = error ? std::nullopt : std::move(shared->value);
-    shared->release();
-    if (error) std::rethrow_exception(error);
-    return std::move(*value);
+    struct drop_reference {
+      detail::shared_waiting_node<Job, Result>* node;
+      ~drop_reference() { node->release(); }  // after the result was moved out or the error rethrown
+    } on_exit{shared};
+    if (shared->error) std::rethrow_exception(shared->error);
+    return std::move(*shared->value);
   }
 
   /// Dispatches the batch being formed now, if it has jobs, including every job submitted before this
