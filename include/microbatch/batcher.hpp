@@ -692,15 +692,18 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
     if (admitted_.empty()) return;
 
     std::vector<Result> results;
+    std::exception_ptr failure;
     try {
       results = std::invoke(owner_.processor_, std::span<Job>(jobs_));
     } catch (...) {
-      const std::exception_ptr error = std::current_exception();
-      for (node_type* job : admitted_) owner_.end_job(job, error);
-      jobs_.clear();
+      failure = std::current_exception();
+    }  // the handler's own reference ends here, before the exception is shared
+    jobs_.clear();
+    if (failure) {
+      for (node_type* job : admitted_) owner_.end_job(job, failure);
+      detail::release_error(failure);
       return;
     }
-    jobs_.clear();
 
     answered_.assign(admitted_.size(), false);
     std::uint64_t uncorrelated = 0;

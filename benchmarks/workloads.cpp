@@ -1,0 +1,313 @@
+// microbatch vs the baseline (benchmarks/baseline), workloads W1-W5, side by side in one binary and run.
+//
+// Job = {uint64 id}, Result = {uint64 id}, correlated by id; the processor returns one result per job
+// with the same id and no sleep; every result is checked. Timings are wall-clock (manual time), and
+// every figure is reported as a Google Benchmark user counter; at the end the program prints one table
+// (workload, metric, baseline, microbatch, ratio). `--smoke` runs every workload once with tiny sizes.
+#include <microbatch/microbatch.hpp>
+
+#include <benchmark/benchmark.h>
+#include <malloc.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <latch>
+#include <map>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "baseline/baseline_batcher.hpp"
+
+// ---- heap accounting: every operator new in the process is counted ----
+namespace heap {
+std::atomic<std::uint64_t> allocations{0};
+std::atomic<std::uint64_t> bytes{0};
+std::atomic<std::int64_t> live{0};
+std::atomic<std::int64_t> peak{0};
+std::atomic<bool> track_peak{false};
+
+inline void on_alloc(void* p) {
+  const auto size = static_cast<std::int64_t>(malloc_usable_size(p));
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  bytes.fetch_add(static_cast<std::uint64_t>(size), std::memory_order_relaxed);
+  if (track_peak.load(std::memory_order_relaxed)) {
+    const std::int64_t now = live.fetch_add(size, std::memory_order_relaxed) + size;
+    std::int64_t seen = peak.load(std::memory_order_relaxed);
+    while (now > seen && !peak.compare_exchange_weak(seen, now, std::memory_order_relaxed)) {
+    }
+  }
+}
+inline void on_free(void* p) {
+  if (p != nullptr && track_peak.load(std::memory_order_relaxed))
+    live.fetch_sub(static_cast<std::int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
+}
+}  // namespace heap
+
+void* operator new(std::size_t size) {
+  void* p = std::malloc(size == 0 ? 1 : size);
+  if (p == nullptr) throw std::bad_alloc();
+  heap::on_alloc(p);
+  return p;
+}
+void* operator new[](std::size_t size) { return operator new(size); }
+void operator delete(void* p) noexcept {
+  heap::on_free(p);
+  std::free(p);
+}
+void operator delete[](void* p) noexcept { operator delete(p); }
+void operator delete(void* p, std::size_t) noexcept { operator delete(p); }
+void operator delete[](void* p, std::size_t) noexcept { operator delete(p); }
+
+namespace {
+
+using namespace std::chrono_literals;
+using clock_type = std::chrono::steady_clock;
+
+struct Job {
+  std::uint64_t id;
+};
+struct Result {
+  std::uint64_t id;
+};
+struct Echo {
+  std::vector<Result> operator()(std::span<Job> jobs) const {
+    std::vector<Result> results;
+    results.reserve(jobs.size());
+    for (const Job& job : jobs) results.push_back({job.id});
+    return results;
+  }
+};
+
+template <template <class, class, class> class BatcherTemplate>
+using batcher_of = BatcherTemplate<Job, Result, Echo>;
+using ours = batcher_of<microbatch::Batcher>;
+using plain = batcher_of<baseline::Batcher>;
+
+template <class B>
+constexpr const char* impl_name() {
+  return std::is_same_v<B, ours> ? "microbatch" : "baseline";
+}
+
+bool smoke = false;
+
+// The figures for the final table: workload -> metric -> implementation -> value.
+std::map<std::string, std::map<std::string, std::map<std::string, double>>> table;
+std::map<std::string, bool> higher_is_better;
+
+void record(benchmark::State& state, const std::string& workload, const char* impl, const std::string& metric,
+            double value, bool higher_better) {
+  state.counters[metric] = value;
+  table[workload][metric][impl] = value;
+  higher_is_better[metric] = higher_better;
+}
+
+double seconds_between(clock_type::time_point a, clock_type::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+double percentile(std::vector<double>& values, double p) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const auto index = static_cast<std::size_t>(p * double(values.size() - 1) + 0.5);
+  return values[std::min(index, values.size() - 1)];
+}
+
+// W1 and W4: P producers, released together, each calling execute_job n times in a row.
+// Returns jobs/s; fills latencies_us if given.
+template <class B>
+bool closed_loop(B& batcher, int producers, int jobs_each, double& elapsed_s, std::vector<double>* latencies_us) {
+  std::latch start(producers + 1);
+  std::atomic<bool> wrong{false};
+  std::vector<std::vector<double>> per_thread(static_cast<std::size_t>(producers));
+  std::vector<std::thread> threads;
+  for (int p = 0; p < producers; ++p) {
+    threads.emplace_back([&, p] {
+      auto& mine = per_thread[static_cast<std::size_t>(p)];
+      if (latencies_us != nullptr) mine.reserve(static_cast<std::size_t>(jobs_each));
+      start.arrive_and_wait();
+      for (int i = 0; i < jobs_each; ++i) {
+        const std::uint64_t id = (std::uint64_t(p) << 32) | std::uint64_t(i);
+        const auto t0 = clock_type::now();
+        if (batcher.execute_job({id}).id != id) wrong = true;
+        if (latencies_us != nullptr) mine.push_back(seconds_between(t0, clock_type::now()) * 1e6);
+      }
+    });
+  }
+  const auto t0 = clock_type::now();
+  start.arrive_and_wait();
+  for (auto& t : threads) t.join();
+  elapsed_s = seconds_between(t0, clock_type::now());
+  if (latencies_us != nullptr)
+    for (auto& v : per_thread) latencies_us->insert(latencies_us->end(), v.begin(), v.end());
+  return !wrong;
+}
+
+template <class B>
+void w1_closed_loop(benchmark::State& state) {
+  const int producers = static_cast<int>(state.range(0));
+  const int jobs_each = smoke ? 20 : producers >= 64 ? 2000 : 400;
+  double total_s = 0, total_jobs = 0;
+  for (auto _ : state) {
+    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = 1ms});
+    double elapsed = 0;
+    if (!closed_loop(batcher, producers, jobs_each, elapsed, nullptr)) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(producers) * jobs_each;
+  }
+  record(state, "W1 closed loop P=" + std::to_string(producers), impl_name<B>(), "jobs/s", total_jobs / total_s, true);
+}
+
+template <class B>
+void w2_open_loop(benchmark::State& state) {
+  const std::size_t jobs = smoke ? 5000 : 1000000;
+  double total_s = 0, total_jobs = 0, allocations = 0, bytes = 0, peak_bytes = 0, rss_kib = 0;
+  std::vector<std::future<Result>> futures;
+  futures.reserve(jobs);
+  for (auto _ : state) {
+    futures.clear();
+    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
+    { std::ofstream("/proc/self/clear_refs") << "5"; }  // resets the peak RSS (VmHWM)
+    heap::live = 0;
+    heap::peak = 0;
+    heap::track_peak = true;
+    const auto allocations_before = heap::allocations.load();
+    const auto bytes_before = heap::bytes.load();
+    const auto t0 = clock_type::now();
+    for (std::size_t i = 0; i < jobs; ++i) futures.push_back(batcher.submit({i}));
+    bool wrong = false;
+    for (std::size_t i = 0; i < jobs; ++i) wrong |= futures[i].get().id != i;
+    const double elapsed = seconds_between(t0, clock_type::now());
+    heap::track_peak = false;
+    allocations += double(heap::allocations.load() - allocations_before);
+    bytes += double(heap::bytes.load() - bytes_before);
+    peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("VmHWM:", 0) == 0) rss_kib = std::max(rss_kib, std::strtod(line.c_str() + 6, nullptr));
+    if (wrong) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(jobs);
+  }
+  const std::string w = "W2 open loop 1M";
+  record(state, w, impl_name<B>(), "jobs/s", total_jobs / total_s, true);
+  record(state, w, impl_name<B>(), "allocs/job", allocations / total_jobs, false);
+  record(state, w, impl_name<B>(), "heap bytes/job", bytes / total_jobs, false);
+  // W5: the most heap in use at once while all jobs were pending (futures included), per job,
+  // and the process's peak resident set during the run.
+  record(state, "W5 memory (W2)", impl_name<B>(), "peak heap bytes/pending job", peak_bytes / double(jobs), false);
+  record(state, "W5 memory (W2)", impl_name<B>(), "peak RSS MiB", rss_kib / 1024.0, false);
+}
+
+template <class B>
+void w3_timer_accuracy(benchmark::State& state) {
+  const int jobs = smoke ? 20 : 5000;
+  const auto delay = 1ms;
+  std::vector<double> overshoot_us;
+  double below_delay = 0;
+  for (auto _ : state) {
+    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = delay});
+    double elapsed = 0;
+    for (int i = 0; i < jobs; ++i) {
+      const auto t0 = clock_type::now();
+      if (batcher.execute_job({std::uint64_t(i)}).id != std::uint64_t(i)) state.SkipWithError("wrong result");
+      const auto latency = clock_type::now() - t0;
+      elapsed += std::chrono::duration<double>(latency).count();
+      overshoot_us.push_back(std::chrono::duration<double, std::micro>(latency - delay).count());
+      if (latency < delay) ++below_delay;
+    }
+    state.SetIterationTime(elapsed);
+  }
+  const std::string w = "W3 timer overshoot";
+  const char* impl = impl_name<B>();
+  record(state, w, impl, "p50 us", percentile(overshoot_us, 0.50), false);
+  record(state, w, impl, "p99 us", percentile(overshoot_us, 0.99), false);
+  record(state, w, impl, "jobs below delay", below_delay, false);
+}
+
+template <class B>
+void w4_full_batches(benchmark::State& state) {
+  const int producers = 64;
+  const int jobs_each = smoke ? 10 : 500;
+  std::vector<double> latencies_us;
+  double total_s = 0, total_jobs = 0;
+  for (auto _ : state) {
+    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = 100ms});
+    double elapsed = 0;
+    if (!closed_loop(batcher, producers, jobs_each, elapsed, &latencies_us)) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(producers) * jobs_each;
+  }
+  const std::string w = "W4 full batches P=64";
+  const char* impl = impl_name<B>();
+  record(state, w, impl, "jobs/s", total_jobs / total_s, true);
+  record(state, w, impl, "p50 us", percentile(latencies_us, 0.50), false);
+  record(state, w, impl, "p99 us", percentile(latencies_us, 0.99), false);
+}
+
+// Each workload runs against the baseline, then microbatch, one after the other in the same process.
+void register_all() {
+  const int iterations = smoke ? 1 : 3;
+  auto both = [&](const std::string& workload, auto baseline_fn, auto microbatch_fn, int runs, int arg) {
+    for (auto [impl, fn] : {std::pair<const char*, void (*)(benchmark::State&)>{"baseline", baseline_fn},
+                            std::pair<const char*, void (*)(benchmark::State&)>{"microbatch", microbatch_fn}}) {
+      auto* b = benchmark::RegisterBenchmark((workload + "/" + impl).c_str(), fn);
+      if (arg >= 0) b->Arg(arg);
+      b->UseManualTime()->Iterations(runs)->Unit(benchmark::kMillisecond);
+    }
+  };
+  for (int producers : {1, 2, 8, 64}) both("W1_closed_loop", w1_closed_loop<plain>, w1_closed_loop<ours>, iterations, producers);
+  both("W2_open_loop", w2_open_loop<plain>, w2_open_loop<ours>, iterations, -1);
+  both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
+  both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
+}
+
+void print_table() {
+  std::printf("\n%-24s %-28s %14s %14s %8s\n", "workload", "metric", "baseline", "microbatch", "ratio");
+  for (const auto& [workload, metrics] : table) {
+    for (const auto& [metric, by_impl] : metrics) {
+      auto get = [&](const char* impl) {
+        auto it = by_impl.find(impl);
+        return it == by_impl.end() ? -1.0 : it->second;
+      };
+      const double base = get("baseline"), ours_value = get("microbatch");
+      // ratio > 1 means microbatch is better: faster, or less latency / memory.
+      double ratio = 0;
+      if (base > 0 && ours_value > 0) ratio = higher_is_better[metric] ? ours_value / base : base / ours_value;
+      std::printf("%-24s %-28s %14.6g %14.6g %7.2fx\n", workload.c_str(), metric.c_str(), base, ours_value, ratio);
+    }
+  }
+  std::printf("(ratio > 1: microbatch is better; for latency, memory and allocations the ratio is baseline/microbatch)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--smoke") == 0) {
+      smoke = true;
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  int count = static_cast<int>(args.size());
+  register_all();
+  benchmark::Initialize(&count, args.data());
+  if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  print_table();
+  return 0;
+}
