@@ -115,7 +115,7 @@ class Batcher {
   /// Queues `job`; the future receives its result or its error (never thrown here: the errors 1-5
   /// above arrive through the future). Throws `batcher_closed` after shutdown began, `queue_full` at
   /// `max_pending_jobs` with `Overflow::reject`; with `Overflow::block` waits for room. Allocates the
-  /// job's node and the promise's shared state. Thread-safe.
+  /// one block for the job's node and its promise's shared state. Thread-safe.
   [[nodiscard]] std::future<Result> submit(Job job) { return submit(std::move(job), time_point::max()); }
 
   /// As `submit(job)`, and the job fails with `deadline_exceeded` if `deadline` passes before it is
@@ -126,12 +126,16 @@ class Batcher {
     throw_if_closed();
     if (deadline != time_point::max() && deadline <= now())
       throw deadline_exceeded("microbatch::Batcher::submit: the deadline passed before the job was submitted");
-    auto submitted = std::make_unique<detail::promise_node<Job, Result>>(std::move(job));
+    auto* submitted = detail::promise_node<Job, Result>::create(std::move(job));
     submitted->deadline = deadline;
     std::future<Result> future = submitted->promise.get_future();
-    reserve_pending_slot(std::stop_token{});
-    enqueue(submitted.get());
-    submitted.release();  // the batcher owns it now
+    try {
+      reserve_pending_slot(std::stop_token{});
+      enqueue(submitted);  // the batcher owns it from here
+    } catch (...) {
+      submitted->discard();
+      throw;
+    }
     return future;
   }
 

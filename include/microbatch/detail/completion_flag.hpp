@@ -5,7 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
-#include <thread>
+#include <thread>  // IWYU pragma: keep (non-Linux fallback)
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -39,14 +39,10 @@ class completion_flag {
 #endif
   }
 
-  /// Blocks until `signal` was called. A short spin first: the batch is often done within microseconds.
+  /// Blocks until `signal` was called. No spinning before sleeping: with many more waiting callers than
+  /// cores (the closed-loop benchmark W1 with 64 producers on 2 cores) spinning only takes the CPU away
+  /// from the worker that would signal (measured there: 111k jobs/s with a 256-pause spin, 166k without).
   void wait() noexcept {
-    for (int spin = 0; spin < spin_limit; ++spin) {
-      if (state_.load(std::memory_order_acquire) == done) return;
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    }
 #if defined(__linux__)
     for (;;) {
       std::uint32_t seen = awake;
@@ -70,7 +66,6 @@ class completion_flag {
   static constexpr std::uint32_t sleeping = 1;    // not done; the waiter is (about to be) in futex wait
   static constexpr std::uint32_t done = 2;
   [[maybe_unused]] static constexpr std::uint32_t signalling = 3;  // non-Linux: notify in progress
-  static constexpr int spin_limit = 256;
 
   std::atomic<std::uint32_t> state_{awake};
   static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
