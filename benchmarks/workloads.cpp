@@ -209,6 +209,47 @@ void w2_open_loop(benchmark::State& state) {
   record(state, "W5 memory (W2)", impl_name<B>(), "peak RSS MiB", rss_kib / 1024.0, false);
 }
 
+// The floor under W2 for any batcher whose submit returns std::future: the same 1M jobs, one thread
+// creating promise/future pairs, another fulfilling them in chunks of 1000 as they appear, the first
+// then waiting in order. No queue, no batching, no correlation: only what the API itself costs.
+double promise_floor_jobs_per_s = 0;
+void w2_promise_floor(benchmark::State& state) {
+  const std::size_t jobs = smoke ? 5000 : 1000000;
+  double total_s = 0, total_jobs = 0;
+  for (auto _ : state) {
+    std::vector<std::promise<Result>> promises(jobs);
+    std::vector<std::future<Result>> futures;
+    futures.reserve(jobs);
+    std::atomic<std::size_t> published{0};
+    const auto t0 = clock_type::now();
+    std::thread fulfiller([&] {
+      for (std::size_t done = 0; done < jobs;) {
+        const std::size_t ready = published.load(std::memory_order_acquire);
+        if (ready - done < 1000 && ready != jobs) {
+          std::this_thread::yield();
+          continue;
+        }
+        for (; done < ready; ++done) promises[done].set_value({done});
+      }
+    });
+    for (std::size_t i = 0; i < jobs; ++i) {
+      promises[i] = std::promise<Result>();
+      futures.push_back(promises[i].get_future());
+      published.store(i + 1, std::memory_order_release);
+    }
+    bool wrong = false;
+    for (std::size_t i = 0; i < jobs; ++i) wrong |= futures[i].get().id != i;
+    fulfiller.join();
+    const double elapsed = seconds_between(t0, clock_type::now());
+    if (wrong) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(jobs);
+  }
+  promise_floor_jobs_per_s = total_jobs / total_s;
+  state.counters["jobs/s"] = promise_floor_jobs_per_s;
+}
+
 template <class B>
 void w3_timer_accuracy(benchmark::State& state) {
   const int jobs = smoke ? 20 : 5000;
@@ -269,6 +310,8 @@ void register_all() {
   };
   for (int producers : {1, 2, 8, 64}) both("W1_closed_loop", w1_closed_loop<plain>, w1_closed_loop<ours>, iterations, producers);
   both("W2_open_loop", w2_open_loop<plain>, w2_open_loop<ours>, iterations, -1);
+  benchmark::RegisterBenchmark("W2_open_loop/std_promise_floor", w2_promise_floor)
+      ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMillisecond);
   both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
   both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
 }
@@ -289,6 +332,8 @@ void print_table() {
     }
   }
   std::printf("(ratio > 1: microbatch is better; for latency, memory and allocations the ratio is baseline/microbatch)\n");
+  if (promise_floor_jobs_per_s > 0)
+    std::printf("W2 floor: std::promise/std::future alone, no batcher: %.6g jobs/s\n", promise_floor_jobs_per_s);
 }
 
 }  // namespace

@@ -8,7 +8,6 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <future>
@@ -31,6 +30,7 @@
 
 #include "clock.hpp"
 #include "detail/correlation.hpp"
+#include "detail/fifo.hpp"
 #include "detail/inbox.hpp"
 #include "detail/job_node.hpp"
 #include "errors.hpp"
@@ -277,6 +277,13 @@ class Batcher {
   }
 
   void start() {
+    // Enough emptied batch vectors for the collector's forming batch, one queued batch and one per
+    // worker, each with room for a full batch: steady traffic then never allocates one.
+    for (std::size_t i = 0; i < options_.max_concurrent_batches + 2; ++i) {
+      batch spare;
+      spare.reserve(std::min<std::size_t>(options_.max_batch_size, 4096));
+      spare_batches_.push_back(std::move(spare));
+    }
     collector_sleeper_.owner = this;
     if (options_.clock != nullptr) options_.clock->subscribe(collector_sleeper_);
     try {
@@ -433,6 +440,11 @@ class Batcher {
     ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 #endif
     batch forming;
+    {
+      std::lock_guard lock(ready_mutex_);
+      forming = std::move(spare_batches_.back());
+      spare_batches_.pop_back();
+    }
     time_point batch_start{};
     std::uint64_t taken = 0;  // jobs moved from the inbox, ever
     std::uint64_t flushes_served = 0;
@@ -520,7 +532,7 @@ class Batcher {
     reason.fetch_add(1, std::memory_order_relaxed);
     {
       std::lock_guard lock(ready_mutex_);
-      ready_.push_back(std::move(forming));
+      ready_.push(std::move(forming));
       if (!spare_batches_.empty()) {
         forming = std::move(spare_batches_.back());
         spare_batches_.pop_back();
@@ -550,7 +562,7 @@ class Batcher {
     sweep(forming);
     {
       std::lock_guard lock(ready_mutex_);
-      for (auto& queued : ready_) sweep(queued);
+      for (auto& queued : ready_.queued()) sweep(queued);
     }
     for (node_type* job : expired) end_job(job, expired_error(), failure::expired);  // a cancelled job is only abandoned
     return earliest;
@@ -558,10 +570,11 @@ class Batcher {
 
   /// Shutdown::cancel: fails every job not yet handed to the processor.
   void cancel_queued(batch& forming) {
-    std::deque<batch> queued;
+    std::vector<batch> queued;
     {
       std::lock_guard lock(ready_mutex_);
-      queued.swap(ready_);
+      for (auto& jobs : ready_.queued()) queued.push_back(std::move(jobs));
+      ready_.clear();
     }
     queued.push_back(std::move(forming));
     for (auto& jobs : queued)
@@ -582,8 +595,7 @@ class Batcher {
         if (jobs.capacity() != 0) spare_batches_.push_back(std::move(jobs));
         ready_cv_.wait(lock, [&] { return !ready_.empty() || no_more_batches_; });
         if (ready_.empty()) return;
-        jobs = std::move(ready_.front());
-        ready_.pop_front();
+        jobs = ready_.pop();
       }
       batch_runner.run(jobs);
       jobs.clear();
@@ -621,7 +633,7 @@ class Batcher {
   // Batches formed and waiting for a worker.
   std::mutex ready_mutex_;
   std::condition_variable ready_cv_;
-  std::deque<batch> ready_;             // guarded by ready_mutex_
+  detail::fifo<batch> ready_;           // guarded by ready_mutex_
   std::vector<batch> spare_batches_;    // guarded by ready_mutex_; emptied vectors kept for reuse
   bool no_more_batches_ = false;        // guarded by ready_mutex_
 
