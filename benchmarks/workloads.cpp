@@ -8,10 +8,14 @@
 
 #include <benchmark/benchmark.h>
 #include <malloc.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -213,6 +217,7 @@ void w2_open_loop(benchmark::State& state) {
 // creating promise/future pairs, another fulfilling them in chunks of 1000 as they appear, the first
 // then waiting in order. No queue, no batching, no correlation: only what the API itself costs.
 double promise_floor_jobs_per_s = 0;
+std::string w3_parts_summary;
 void w2_promise_floor(benchmark::State& state) {
   const std::size_t jobs = smoke ? 5000 : 1000000;
   double total_s = 0, total_jobs = 0;
@@ -276,6 +281,58 @@ void w3_timer_accuracy(benchmark::State& state) {
   record(state, w, impl, "jobs below delay", below_delay, false);
 }
 
+// What W3 is made of, measured alone on this machine: (a) a thread sleeping until a 1 ms deadline
+// (condition_variable::wait_until, timer slack 1 ns, as microbatch's collector does): how late it
+// runs; (b) one hand-off: thread A wakes sleeping thread B (futex), time until B runs. microbatch's
+// timed batch costs (a) plus two hand-offs (collector -> worker -> caller).
+void w3_parts(benchmark::State& state) {
+  const int samples = smoke ? 20 : 2000;
+  std::vector<double> timer_late_us, handoff_us;
+  for (auto _ : state) {
+#if defined(__linux__)
+    ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+#endif
+    std::mutex mutex;
+    std::condition_variable cv;
+    for (int i = 0; i < samples; ++i) {
+      std::unique_lock lock(mutex);
+      const auto deadline = clock_type::now() + 1ms;
+      cv.wait_until(lock, deadline, [] { return false; });
+      timer_late_us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - deadline).count());
+    }
+    std::atomic<std::uint32_t> word{0};
+    std::atomic<std::int64_t> woken_at{0};
+    std::thread sleeper([&] {
+      for (int i = 0; i < samples; ++i) {
+        word.wait(std::uint32_t(2 * i));
+        woken_at.store(clock_type::now().time_since_epoch().count());
+        word.store(std::uint32_t(2 * i + 2));
+        word.notify_one();
+      }
+    });
+    for (int i = 0; i < samples; ++i) {
+      std::this_thread::sleep_for(200us);  // let the sleeper fall asleep in the kernel
+      const auto t0 = clock_type::now();
+      word.store(std::uint32_t(2 * i + 1));
+      word.notify_one();
+      word.wait(std::uint32_t(2 * i + 1));
+      handoff_us.push_back(double(woken_at.load() - t0.time_since_epoch().count()) / 1000.0);
+    }
+    sleeper.join();
+    state.SetIterationTime(1e-3);
+  }
+  auto copy_t = timer_late_us, copy_h = handoff_us;
+  state.counters["timer late p50 us"] = percentile(copy_t, 0.5);
+  state.counters["timer late p99 us"] = percentile(timer_late_us, 0.99);
+  state.counters["handoff p50 us"] = percentile(copy_h, 0.5);
+  state.counters["handoff p99 us"] = percentile(handoff_us, 0.99);
+  w3_parts_summary = "W3 parts on this machine: 1 ms timer wakes late by p50 " +
+                     std::to_string(state.counters["timer late p50 us"].value) + " us, p99 " +
+                     std::to_string(state.counters["timer late p99 us"].value) + " us; one thread hand-off p50 " +
+                     std::to_string(state.counters["handoff p50 us"].value) + " us, p99 " +
+                     std::to_string(state.counters["handoff p99 us"].value) + " us";
+}
+
 template <class B>
 void w4_full_batches(benchmark::State& state) {
   const int producers = 64;
@@ -313,6 +370,7 @@ void register_all() {
   benchmark::RegisterBenchmark("W2_open_loop/std_promise_floor", w2_promise_floor)
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMillisecond);
   both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
+  benchmark::RegisterBenchmark("W3_timer_accuracy/parts", w3_parts)->UseManualTime()->Iterations(1);
   both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
 }
 
@@ -334,6 +392,7 @@ void print_table() {
   std::printf("(ratio > 1: microbatch is better; for latency, memory and allocations the ratio is baseline/microbatch)\n");
   if (promise_floor_jobs_per_s > 0)
     std::printf("W2 floor: std::promise/std::future alone, no batcher: %.6g jobs/s\n", promise_floor_jobs_per_s);
+  if (!w3_parts_summary.empty()) std::printf("%s\n", w3_parts_summary.c_str());
 }
 
 }  // namespace
