@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <coroutine>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -333,6 +334,86 @@ void w3_parts(benchmark::State& state) {
                      std::to_string(state.counters["handoff p99 us"].value) + " us";
 }
 
+// W6: 64 concurrent requests in a closed loop (size 64, delay 1 ms), three ways: 64 threads calling
+// execute_job, 64 coroutines awaiting async_execute_job (started from one thread), 64 callback
+// chains (each completion submits the request's next job). microbatch only: the baseline has no
+// coroutine or callback API.
+struct coroutine_task {
+  struct promise_type {
+    coroutine_task get_return_object() noexcept { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::terminate(); }
+  };
+};
+
+coroutine_task coroutine_request(ours& batcher, std::uint64_t request, int jobs, std::atomic<bool>& wrong,
+                                 std::latch& done) {
+  for (int i = 0; i < jobs; ++i) {
+    const std::uint64_t id = (request << 32) | std::uint64_t(i);
+    if ((co_await batcher.async_execute_job({id})).id != id) wrong = true;
+  }
+  done.count_down();
+}
+
+struct callback_request {
+  ours* batcher;
+  std::uint64_t request;
+  int remaining;
+  std::atomic<bool>* wrong;
+  std::latch* done;
+  void next() {
+    const std::uint64_t id = (request << 32) | std::uint64_t(remaining);
+    batcher->submit({id}, [this, id](microbatch::Outcome<Result>&& outcome) {
+      if (!outcome.has_value() || outcome.value().id != id) *wrong = true;
+      if (--remaining == 0) {
+        done->count_down();
+      } else {
+        next();
+      }
+    });
+  }
+};
+
+std::map<std::string, double> w6_jobs_per_s;
+
+void w6_request_styles(benchmark::State& state) {
+  const int requests = 64;
+  const int jobs_each = smoke ? 20 : 2000;
+  const auto style = state.range(0);
+  const char* name = style == 0 ? "threads (execute_job)" : style == 1 ? "coroutines (co_await)" : "callbacks (submit)";
+  double total_s = 0, total_jobs = 0;
+  for (auto _ : state) {
+    ours batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = 1ms});
+    std::atomic<bool> wrong{false};
+    double elapsed = 0;
+    if (style == 0) {
+      wrong = !closed_loop(batcher, requests, jobs_each, elapsed, nullptr);
+    } else {
+      std::latch done(requests);
+      std::vector<callback_request> chains(requests);
+      const auto t0 = clock_type::now();
+      for (int r = 0; r < requests; ++r) {
+        if (style == 1) {
+          coroutine_request(batcher, std::uint64_t(r), jobs_each, wrong, done);
+        } else {
+          chains[std::size_t(r)] = {&batcher, std::uint64_t(r), jobs_each, &wrong, &done};
+          chains[std::size_t(r)].next();
+        }
+      }
+      done.wait();
+      elapsed = seconds_between(t0, clock_type::now());
+    }
+    if (wrong) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(requests) * jobs_each;
+  }
+  w6_jobs_per_s[name] = total_jobs / total_s;
+  state.counters["jobs/s"] = total_jobs / total_s;
+}
+
 template <class B>
 void w4_full_batches(benchmark::State& state) {
   const int producers = 64;
@@ -372,6 +453,9 @@ void register_all() {
   both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
   benchmark::RegisterBenchmark("W3_timer_accuracy/parts", w3_parts)->UseManualTime()->Iterations(1);
   both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
+  for (int style : {0, 1, 2})
+    benchmark::RegisterBenchmark("W6_64_requests/microbatch", w6_request_styles)
+        ->Arg(style)->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMillisecond);
 }
 
 void print_table() {
@@ -393,6 +477,8 @@ void print_table() {
   if (promise_floor_jobs_per_s > 0)
     std::printf("W2 floor: std::promise/std::future alone, no batcher: %.6g jobs/s\n", promise_floor_jobs_per_s);
   if (!w3_parts_summary.empty()) std::printf("%s\n", w3_parts_summary.c_str());
+  for (const auto& [style, rate] : w6_jobs_per_s)
+    std::printf("W6 64 concurrent requests, closed loop, microbatch: %-24s %.6g jobs/s\n", style.c_str(), rate);
 }
 
 }  // namespace

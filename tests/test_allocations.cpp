@@ -2,7 +2,9 @@
 // Deterministic counts, not timings: the hot paths must not allocate beyond what the API needs.
 #include <catch2/catch.hpp>
 
+#include <barrier>
 #include <cstdlib>
+#include <coroutine>
 #include <new>
 
 #include "support.hpp"
@@ -39,37 +41,44 @@ std::vector<Result> doubled_uncounted(std::span<Job> jobs) {
 }  // namespace
 
 TEST_CASE("execute_job allocates nothing per job in steady state", "[allocations]") {
-  for (std::size_t batch_size : {1, 8}) {
+  SECTION("one caller, batches of one") {
     microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
-                                Options{.max_batch_size = batch_size, .max_batch_delay = 0s});
-    auto run = [&](std::uint64_t first, int count) {
-      // One producer: with batch_size 8 the batches are completed by flush.
-      for (int i = 0; i < count; ++i) {
-        const std::uint64_t id = first + std::uint64_t(i);
-        if (batch_size == 1) {
-          REQUIRE(batcher.execute_job({id, 1}).value == 2);
-        } else {
-          auto waiter = std::async(std::launch::async, [&] { return batcher.execute_job({id, 1}); });
-          while (batcher.stats().jobs_submitted <= id) std::this_thread::yield();  // a state, not a time
-          batcher.flush();
-          REQUIRE(waiter.get().value == 2);
-        }
-      }
-    };
-    run(0, 200);  // warm up: buffers reach their steady sizes
+                                Options{.max_batch_size = 1, .max_batch_delay = 0s});
+    for (std::uint64_t id = 0; id < 200; ++id) REQUIRE(batcher.execute_job({id, 1}).value == 2);  // warm up
     const std::uint64_t before = allocations.load();
-    if (batch_size == 1) {
-      run(200, 1000);
-      CHECK(allocations.load() - before == 0);
-    } else {
-      // std::async itself allocates; measure it alone and subtract.
-      const std::uint64_t async_before = allocations.load();
-      std::async(std::launch::async, [] { return 0; }).get();
-      const std::uint64_t per_async = allocations.load() - async_before;
-      const std::uint64_t start = allocations.load();
-      run(200, 100);
-      CHECK(allocations.load() - start == 100 * per_async);
+    for (std::uint64_t id = 200; id < 1200; ++id) REQUIRE(batcher.execute_job({id, 1}).value == 2);
+    CHECK(allocations.load() - before == 0);
+  }
+  SECTION("eight callers, full batches of eight") {
+    // Each caller has one job pending at a time and a batch needs eight, so the callers move in
+    // lockstep and every phase ends with no job left over.
+    constexpr int callers = 8, jobs_per_phase = 100;
+    microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
+                                Options{.max_batch_size = callers, .max_batch_delay = 0s});
+    std::barrier phase(callers + 1);
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> threads;
+    for (int c = 0; c < callers; ++c) {
+      threads.emplace_back([&, c] {
+        for (int round = 0; round < 2; ++round) {
+          for (int i = 0; i < jobs_per_phase; ++i) {
+            const auto id = std::uint64_t(c) * 100000 + std::uint64_t(round * jobs_per_phase + i);
+            if (batcher.execute_job({id, i}).value != 2 * i) wrong.fetch_add(1);
+          }
+          phase.arrive_and_wait();  // end of a phase
+          phase.arrive_and_wait();  // the main thread has read the counter
+        }
+      });
     }
+    phase.arrive_and_wait();  // warm-up done
+    const std::uint64_t before = allocations.load();
+    phase.arrive_and_wait();
+    phase.arrive_and_wait();  // measured phase done
+    const std::uint64_t after = allocations.load();
+    phase.arrive_and_wait();
+    for (auto& t : threads) t.join();
+    CHECK(wrong.load() == 0);
+    CHECK(after - before == 0);
   }
 }
 
@@ -91,4 +100,68 @@ TEST_CASE("submit allocates no more than std::promise itself needs", "[allocatio
   INFO("std::promise alone: " << promise_allocations << " allocations; 1000 submits: " << per_submit_x1000);
   CHECK(per_submit_x1000 <= 1000 * promise_allocations);
   CHECK(per_submit_x1000 == 1000);  // one block per job: node, shared state and result holder together
+}
+
+TEST_CASE("submit with a small callback allocates nothing per job once warm", "[allocations]") {
+  // The backlog is bounded (64 pending jobs). The warm-up builds the largest backlog the measured run
+  // can have (the worker held inside a finished job's callback, 64 more jobs queued behind it), so every
+  // buffer has grown to its final size before counting starts.
+  microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
+                              Options{.max_batch_size = 1, .max_batch_delay = 0s, .max_pending_jobs = 64});
+  std::atomic<int> remaining{0};
+  auto submit_all = [&](std::uint64_t first, int count) {
+    remaining += count;
+    for (int i = 0; i < count; ++i) {
+      batcher.submit({first + std::uint64_t(i), 1}, [&remaining](microbatch::Outcome<Result>&& outcome) {
+        if (outcome.has_value()) remaining.fetch_sub(1);
+      });
+    }
+  };
+  auto await_all = [&] {
+    while (remaining.load() != 0) std::this_thread::yield();  // a state, not a time
+  };
+  gate held;
+  batcher.submit({0, 1}, [&](microbatch::Outcome<Result>&&) { held.enter(); });
+  held.await_entered();  // job 0 has completed (its slot is free); the worker waits in its callback
+  submit_all(1, 64);
+  held.open();
+  await_all();
+  submit_all(100, 1000);
+  await_all();
+  const std::uint64_t before = allocations.load();
+  submit_all(2000, 1000);
+  await_all();
+  CHECK(allocations.load() - before == 0);
+}
+
+namespace {
+struct detached {
+  struct promise_type {
+    detached get_return_object() noexcept { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::terminate(); }
+  };
+};
+
+template <class B>
+detached ask_in_a_loop(B& batcher, int count, std::uint64_t& allocations_in_loop, std::promise<void>& done) {
+  (void)co_await batcher.async_execute_job({0, 1});  // warm up
+  const std::uint64_t before = allocations.load();
+  for (int i = 1; i <= count; ++i) (void)co_await batcher.async_execute_job({std::uint64_t(i), 1});
+  allocations_in_loop = allocations.load() - before;
+  done.set_value();
+}
+}  // namespace
+
+TEST_CASE("co_await async_execute_job allocates nothing beyond the coroutine frame", "[allocations]") {
+  microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
+                              Options{.max_batch_size = 1, .max_batch_delay = 0s});
+  std::uint64_t allocations_in_loop = 999;
+  std::promise<void> done;
+  auto finished = done.get_future();
+  ask_in_a_loop(batcher, 1000, allocations_in_loop, done);
+  finished.wait();
+  CHECK(allocations_in_loop == 0);
 }

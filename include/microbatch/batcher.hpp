@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <concepts>
 #include <condition_variable>
+#include <coroutine>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -30,11 +32,13 @@
 
 #include "clock.hpp"
 #include "detail/correlation.hpp"
-#include "detail/fifo.hpp"
+#include "detail/batch_queue.hpp"
 #include "detail/inbox.hpp"
 #include "detail/job_node.hpp"
+#include "detail/slot_pool.hpp"
 #include "errors.hpp"
 #include "options.hpp"
+#include "outcome.hpp"
 
 namespace microbatch {
 
@@ -179,15 +183,86 @@ class Batcher {
     return std::move(*shared->value);
   }
 
+  /// Queues `job`; `on_complete(Outcome<Result>&&)` is called exactly once, with its result or its
+  /// error, on a batcher thread (a worker; the collector for jobs ended by `Shutdown::cancel`). It must
+  /// not block for long: it holds up the rest of its batch. An exception escaping it is caught and
+  /// counted in `Stats::callback_errors`. Throws like `submit(job)` (then `on_complete` is never
+  /// called). No allocation per job once warm, for callables up to 48 bytes (larger ones are moved to
+  /// the heap). Thread-safe.
+  template <class F>
+    requires std::invocable<std::decay_t<F>&, Outcome<Result>&&>
+  void submit(Job job, F&& on_complete) {
+    throw_if_closed();
+    const auto lease = callback_slots_.acquire();
+    detail::callback_node<Job, Result>* node = nullptr;
+    try {
+      node = ::new (lease.memory) detail::callback_node<Job, Result>(std::move(job), std::forward<F>(on_complete),
+                                                                    callback_home_, lease.memory, lease.pooled);
+    } catch (...) {
+      callback_slots_.release(lease);
+      throw;
+    }
+    try {
+      reserve_pending_slot(std::stop_token{});
+      enqueue(node);
+    } catch (...) {
+      node->discard();
+      throw;
+    }
+  }
+
+  /// The awaitable of `async_execute_job`. Holds the job's node, so it must be awaited where it was
+  /// made: `co_await batcher.async_execute_job(job)`.
+  class job_awaiter {
+   public:
+    job_awaiter(const job_awaiter&) = delete;
+    job_awaiter& operator=(const job_awaiter&) = delete;
+
+    bool await_ready() const noexcept { return false; }
+    bool await_suspend(std::coroutine_handle<> waiting) {
+      node_.waiting = waiting;
+      try {
+        owner_.throw_if_closed();
+        owner_.reserve_pending_slot(std::stop_token{});
+        owner_.enqueue(&node_);  // from here a batcher thread may resume the coroutine at any moment
+      } catch (...) {
+        node_.error = std::current_exception();
+        return false;  // not accepted: resume at once; await_resume rethrows
+      }
+      return true;
+    }
+    Result await_resume() {
+      if (node_.error) std::rethrow_exception(node_.error);
+      return std::move(*node_.value);
+    }
+
+   private:
+    friend class Batcher;
+    job_awaiter(Batcher& owner, Job&& job) : owner_(owner), node_(std::move(job)) {}
+    Batcher& owner_;
+    detail::coroutine_node<Job, Result> node_;
+  };
+
+  /// For coroutines: `Result r = co_await batcher.async_execute_job(job);` suspends until the job ends,
+  /// then yields its result or throws its error (or what `submit` throws). The coroutine resumes on a
+  /// batcher thread (the worker that finished the batch; the collector if the job was ended by
+  /// `Shutdown::cancel`), so keep what runs there short, or hop to your own executor. The job's node
+  /// lives in the coroutine frame: no allocation per job. With `Overflow::block` at `max_pending_jobs`,
+  /// the awaiting thread blocks until there is room. Thread-safe.
+  [[nodiscard]] job_awaiter async_execute_job(Job job) { return job_awaiter(*this, std::move(job)); }
+
   /// Dispatches the batch being formed now, if it has jobs, including every job submitted before this
   /// call began. Returns once the batch is queued for a worker (not processed). No effect after
-  /// shutdown. Thread-safe.
+  /// shutdown. Thread-safe (from the collector thread it only requests the flush).
   void flush() {
     std::unique_lock lock(collector_mutex_);
     if (collector_exited_) return;
     const std::uint64_t ticket = ++flush_requested_;
     wake_requested_ = true;
     collector_wake_.notify_one();
+    // On the collector thread itself (a coroutine or callback resumed by Shutdown::cancel), waiting
+    // would never end: the request is served when the collector gets back to its loop.
+    if (detail_collector_of_thread() == this) return;
     flush_done_cv_.wait(lock, [&] { return flush_done_ >= ticket; });
   }
 
@@ -230,6 +305,7 @@ class Batcher {
     s.batches_flushed = batches_flushed_.load(std::memory_order_relaxed);
     s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed;
     s.uncorrelated_results = uncorrelated_results_.load(std::memory_order_relaxed);
+    s.callback_errors = callback_errors_.load(std::memory_order_relaxed);
     return s;
   }
 
@@ -237,7 +313,7 @@ class Batcher {
   // Implementation details follow.
  private:
   using node_type = detail::job_node<Job, Result>;
-  using batch = std::vector<node_type*>;
+  using batch = detail::job_list<node_type>;
   enum class failure { other, expired, cancelled };
   static constexpr std::uint64_t never = std::numeric_limits<std::uint64_t>::max();
 
@@ -271,20 +347,18 @@ class Batcher {
     thread_local const void* current = nullptr;  // the batcher whose thread this is, if any
     return current;
   }
+  static const void*& detail_collector_of_thread() noexcept {
+    thread_local const void* collector_of = nullptr;  // the batcher whose collector this thread is
+    return collector_of;
+  }
 
   time_point now() const noexcept {
     return options_.clock != nullptr ? options_.clock->now() : std::chrono::steady_clock::now();
   }
 
   void start() {
-    // Enough emptied batch vectors for the collector's forming batch, one queued batch and one per
-    // worker, each with room for a full batch: steady traffic then never allocates one.
-    for (std::size_t i = 0; i < options_.max_concurrent_batches + 2; ++i) {
-      batch spare;
-      spare.reserve(std::min<std::size_t>(options_.max_batch_size, 4096));
-      spare_batches_.push_back(std::move(spare));
-    }
     collector_sleeper_.owner = this;
+    callback_home_.owner = this;
     if (options_.clock != nullptr) options_.clock->subscribe(collector_sleeper_);
     try {
       collector_ = std::jthread([this] { collect(); });
@@ -435,16 +509,12 @@ class Batcher {
 
   void collect() {
     detail_current_batcher() = this;
+    detail_collector_of_thread() = this;
 #if defined(__linux__)
     // Timer slack (50 us by default) would be added to every batch delay; 1 ns makes timers exact.
     ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 #endif
     batch forming;
-    {
-      std::lock_guard lock(ready_mutex_);
-      forming = std::move(spare_batches_.back());
-      spare_batches_.pop_back();
-    }
     time_point batch_start{};
     std::uint64_t taken = 0;  // jobs moved from the inbox, ever
     std::uint64_t flushes_served = 0;
@@ -471,7 +541,7 @@ class Batcher {
         if (forming.empty()) batch_start = job->arrival != time_point::min() ? job->arrival : now_time;
         earliest_deadline = std::min(earliest_deadline, job->deadline);
         forming.push_back(job);
-        if (max_size != 0 && forming.size() >= max_size) dispatch(forming, batches_full_);
+        if (max_size != 0 && forming.size >= max_size) dispatch(forming, batches_full_);
       }
 
       if (stopping) {
@@ -511,7 +581,7 @@ class Batcher {
       // was visible is seen here; one that pushes after it sees the plan and wakes us if it must.
       time_point wake_time = earliest_deadline;
       if (delay.count() > 0 && !forming.empty()) wake_time = std::min(wake_time, saturating_add(batch_start, delay));
-      std::uint64_t wake_at = forming.empty() ? taken + 1 : max_size != 0 ? taken + (max_size - forming.size()) : never;
+      std::uint64_t wake_at = forming.empty() ? taken + 1 : max_size != 0 ? taken + (max_size - forming.size) : never;
       wake_at_accepted_.store(wake_at, std::memory_order_seq_cst);
       planned_wake_.store(wake_time.time_since_epoch().count(), std::memory_order_seq_cst);
       if (!inbox_.empty()) continue;
@@ -532,15 +602,9 @@ class Batcher {
     reason.fetch_add(1, std::memory_order_relaxed);
     {
       std::lock_guard lock(ready_mutex_);
-      ready_.push(std::move(forming));
-      if (!spare_batches_.empty()) {
-        forming = std::move(spare_batches_.back());
-        spare_batches_.pop_back();
-      } else {
-        forming = batch{};
-      }
+      ready_.push(forming);
     }
-    forming.clear();
+    forming = batch{};
     ready_cv_.notify_one();
   }
 
@@ -548,57 +612,48 @@ class Batcher {
   /// earliest deadline left. Jobs end after the ready queue's lock is released.
   time_point expire_queued(batch& forming, time_point now_time) {
     time_point earliest = time_point::max();
-    batch expired;
-    auto sweep = [&](batch& jobs) {
-      std::erase_if(jobs, [&](node_type* job) {
-        if (job->claimed() || job->deadline <= now_time) {
-          expired.push_back(job);
-          return true;
-        }
-        earliest = std::min(earliest, job->deadline);
-        return false;
-      });
+    auto leaves = [&](node_type* job) {
+      if (job->claimed() || job->deadline <= now_time) return true;
+      earliest = std::min(earliest, job->deadline);
+      return false;
     };
-    sweep(forming);
+    batch expired;
+    forming.remove_if(leaves, expired);
     {
       std::lock_guard lock(ready_mutex_);
-      for (auto& queued : ready_.queued()) sweep(queued);
+      ready_.remove_if(leaves, expired);
     }
-    for (node_type* job : expired) end_job(job, expired_error(), failure::expired);  // a cancelled job is only abandoned
+    expired.for_each([&](node_type* job) { end_job(job, expired_error(), failure::expired); });  // a cancelled job is only abandoned
     return earliest;
   }
 
   /// Shutdown::cancel: fails every job not yet handed to the processor.
   void cancel_queued(batch& forming) {
-    std::vector<batch> queued;
+    batch queued;
     {
       std::lock_guard lock(ready_mutex_);
-      for (auto& jobs : ready_.queued()) queued.push_back(std::move(jobs));
-      ready_.clear();
+      ready_.remove_if([](node_type*) { return true; }, queued);
     }
-    queued.push_back(std::move(forming));
-    for (auto& jobs : queued)
-      for (node_type* job : jobs)
-        end_job(job, std::make_exception_ptr(batcher_closed(
-                         "microbatch::Batcher: shutdown(Shutdown::cancel) began before the job was processed")));
-    forming.clear();
+    forming.remove_if([](node_type*) { return true; }, queued);
+    queued.for_each([&](node_type* job) {
+      end_job(job, std::make_exception_ptr(batcher_closed(
+                       "microbatch::Batcher: shutdown(Shutdown::cancel) began before the job was processed")));
+    });
   }
 
   // ---- worker threads ----
 
   void work(runner_base& batch_runner) {
     detail_current_batcher() = this;
-    batch jobs;
     for (;;) {
+      batch jobs;
       {
         std::unique_lock lock(ready_mutex_);
-        if (jobs.capacity() != 0) spare_batches_.push_back(std::move(jobs));
         ready_cv_.wait(lock, [&] { return !ready_.empty() || no_more_batches_; });
         if (ready_.empty()) return;
         jobs = ready_.pop();
       }
       batch_runner.run(jobs);
-      jobs.clear();
     }
   }
 
@@ -633,8 +688,7 @@ class Batcher {
   // Batches formed and waiting for a worker.
   std::mutex ready_mutex_;
   std::condition_variable ready_cv_;
-  detail::fifo<batch> ready_;           // guarded by ready_mutex_
-  std::vector<batch> spare_batches_;    // guarded by ready_mutex_; emptied vectors kept for reuse
+  detail::batch_queue<node_type> ready_;  // guarded by ready_mutex_
   bool no_more_batches_ = false;        // guarded by ready_mutex_
 
   // Counters (Stats).
@@ -647,6 +701,17 @@ class Batcher {
   std::atomic<std::uint64_t> batches_timed_out_{0};
   std::atomic<std::uint64_t> batches_flushed_{0};
   std::atomic<std::uint64_t> uncorrelated_results_{0};
+  std::atomic<std::uint64_t> callback_errors_{0};
+
+  // Slots for callback submits' nodes (the batcher owns those nodes; callers keep nothing).
+  using callback_node_type = detail::callback_node<Job, Result>;
+  struct callback_home final : callback_node_type::home {
+    Batcher* owner = nullptr;
+    void callback_threw() noexcept override { owner->callback_errors_.fetch_add(1, std::memory_order_relaxed); }
+    void recycle(void* memory, bool pooled) noexcept override { owner->callback_slots_.release({memory, pooled}); }
+  };
+  detail::slot_pool<sizeof(callback_node_type), alignof(callback_node_type)> callback_slots_;
+  callback_home callback_home_;
 
   std::mutex shutdown_mutex_;
   bool joined_ = false;  // guarded by shutdown_mutex_
@@ -669,11 +734,13 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
 
   void run(batch& offered) override {
     const time_point now_time = owner_.now();
-    correlation_.begin(offered.size());
+    correlation_.begin(offered.size);
     jobs_.clear();
     admitted_.clear();
-    jobs_.reserve(offered.size());
-    for (node_type* job : offered) {
+    jobs_.reserve(offered.size);
+    for (node_type* next = offered.first; next != nullptr;) {
+      node_type* job = next;
+      next = job->next;  // before the job can end
       if (job->claimed()) {  // cancelled while queued
         job->abandon();
         continue;

@@ -6,6 +6,7 @@
 #include "clock.hpp"    // IWYU pragma: export
 #include "errors.hpp"   // IWYU pragma: export
 #include "options.hpp"  // IWYU pragma: export
+#include "outcome.hpp"  // IWYU pragma: export
 
 #define MICROBATCH_VERSION_MAJOR 0
 #define MICROBATCH_VERSION_MINOR 1

@@ -69,6 +69,7 @@ struct Stats {
   std::uint64_t jobs_expired = 0;          ///< failed with deadline_exceeded
   std::uint64_t jobs_cancelled = 0;        ///< failed with cancelled
   std::uint64_t jobs_rejected = 0;         ///< submits that threw queue_full (never accepted)
+  std::uint64_t callback_errors = 0;       ///< exceptions that escaped submit's on_complete (contained)
 };
 
 }  // namespace microbatch

@@ -12,6 +12,10 @@
 #include <optional>
 #include <utility>
 
+#include <coroutine>
+#include <type_traits>
+
+#include "../outcome.hpp"
 #include "completion_flag.hpp"
 
 namespace microbatch::detail {
@@ -37,7 +41,10 @@ class job_node {
   job_node(const job_node&) = delete;
   job_node& operator=(const job_node&) = delete;
 
-  job_node* next = nullptr;             // inbox link; written before the push publishes the node
+  job_node* next = nullptr;             // inbox link, then batch link (detail::job_list)
+  job_node* next_batch = nullptr;       // detail::batch_queue, in a queued batch's first node only
+  job_node* batch_last = nullptr;       // ditto
+  std::size_t batch_size = 0;           // ditto
   time_point arrival = time_point::min();  // set when this job was the first into an empty inbox
   time_point deadline = time_point::max();
   Job job;
@@ -239,6 +246,106 @@ class shared_waiting_node final : public job_node<Job, Result> {
 
  private:
   std::atomic<int> references_{2};
+};
+
+/// `submit(job, on_complete)`: lives in a slot of the batcher's slot_pool (no allocation per job once
+/// the pool has grown), owns the callable (inline up to `inline_bytes`, else on the heap) and calls it
+/// exactly once with the job's Outcome, then destroys itself and gives its slot back.
+template <class Job, class Result>
+class callback_node final : public job_node<Job, Result> {
+ public:
+  /// The batcher's side: counts callbacks that threw, takes slots back. Must outlive every node.
+  class home {
+   public:
+    virtual void callback_threw() noexcept = 0;
+    virtual void recycle(void* memory, bool pooled) noexcept = 0;
+
+   protected:
+    ~home() = default;
+  };
+
+  static constexpr std::size_t inline_bytes = 48;
+
+  template <class F>
+  callback_node(Job&& submitted, F&& on_complete, home& owner, void* memory, bool pooled)
+      : job_node<Job, Result>(std::move(submitted)), owner_(owner), memory_(memory), pooled_(pooled) {
+    using Callable = std::decay_t<F>;
+    if constexpr (sizeof(Callable) <= inline_bytes && alignof(Callable) <= alignof(std::max_align_t) &&
+                  std::is_nothrow_move_constructible_v<Callable>) {
+      callable_ = ::new (static_cast<void*>(inline_storage_)) Callable(std::forward<F>(on_complete));
+      destroy_ = [](void* callable) noexcept { static_cast<Callable*>(callable)->~Callable(); };
+    } else {
+      callable_ = new Callable(std::forward<F>(on_complete));
+      destroy_ = [](void* callable) noexcept { delete static_cast<Callable*>(callable); };
+    }
+    invoke_ = [](void* callable, Outcome<Result>&& outcome) { (*static_cast<Callable*>(callable))(std::move(outcome)); };
+  }
+
+  void finish(Result&& value) noexcept override {
+    try {
+      call_back(Outcome<Result>(std::move(value)));
+    } catch (...) {  // Result's move constructor threw while building the Outcome
+      call_back(Outcome<Result>(std::current_exception()));
+    }
+  }
+  void finish(std::exception_ptr error) noexcept override { call_back(Outcome<Result>(std::move(error))); }
+
+  /// Ends a node that was never handed to the batcher (submit threw): no call back.
+  void discard() noexcept { destroy(); }
+
+ private:
+  void call_back(Outcome<Result>&& outcome) noexcept {
+    try {
+      invoke_(callable_, std::move(outcome));
+    } catch (...) {
+      owner_.callback_threw();
+    }
+    destroy();
+  }
+
+  void destroy() noexcept {
+    destroy_(callable_);
+    home& owner = owner_;
+    void* memory = memory_;
+    const bool pooled = pooled_;
+    this->~callback_node();
+    owner.recycle(memory, pooled);
+  }
+
+  home& owner_;
+  void* memory_;
+  bool pooled_;
+  void* callable_ = nullptr;
+  void (*invoke_)(void*, Outcome<Result>&&) = nullptr;
+  void (*destroy_)(void*) noexcept = nullptr;
+  alignas(std::max_align_t) unsigned char inline_storage_[inline_bytes];
+};
+
+/// `co_await async_execute_job(job)`: lives in the awaiting coroutine's frame (inside the awaiter).
+/// Finishing stores the outcome and resumes the coroutine on the finishing batcher thread; that is its
+/// last touch, because the coroutine may then destroy the frame.
+template <class Job, class Result>
+class coroutine_node final : public job_node<Job, Result> {
+ public:
+  using job_node<Job, Result>::job_node;
+  std::optional<Result> value;
+  std::exception_ptr error;
+  std::coroutine_handle<> waiting;
+
+  void finish(Result&& result) noexcept override {
+    try {
+      value.emplace(std::move(result));
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::coroutine_handle<> resume_me = waiting;
+    resume_me.resume();
+  }
+  void finish(std::exception_ptr failure) noexcept override {
+    error = std::move(failure);
+    std::coroutine_handle<> resume_me = waiting;
+    resume_me.resume();
+  }
 };
 
 }  // namespace microbatch::detail

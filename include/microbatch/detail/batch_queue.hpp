@@ -1,0 +1,114 @@
+// microbatch::detail: batches as intrusive lists of job nodes, and the queue of formed batches.
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cstddef>
+
+namespace microbatch::detail {
+
+/// A batch: job nodes linked through their `next` member, oldest first. Holds no memory of its own,
+/// so forming, queueing and handing over batches never allocates. Not thread-safe: its owner guards it.
+template <class Node>
+struct job_list {
+  Node* first = nullptr;
+  Node* last = nullptr;
+  std::size_t size = 0;
+
+  [[nodiscard]] bool empty() const noexcept { return size == 0; }
+
+  void push_back(Node* node) noexcept {
+    node->next = nullptr;
+    if (last != nullptr) {
+      last->next = node;
+    } else {
+      first = node;
+    }
+    last = node;
+    ++size;
+  }
+
+  /// Unlinks, in order, the nodes for which `remove(node)` is true, appending them to `removed`.
+  template <class Remove>
+  void remove_if(Remove&& remove, job_list& removed) noexcept {
+    job_list kept;
+    for (Node* node = first; node != nullptr;) {
+      Node* next = node->next;
+      if (remove(node)) {
+        removed.push_back(node);
+      } else {
+        kept.push_back(node);
+      }
+      node = next;
+    }
+    *this = kept;
+  }
+
+  /// Calls `visit(node)` on every node, reading each `next` before the visit (which may end the job).
+  template <class Visit>
+  void for_each(Visit&& visit) {
+    for (Node* node = first; node != nullptr;) {
+      Node* next = node->next;
+      visit(node);
+      node = next;
+    }
+  }
+};
+
+/// The formed batches waiting for a worker, first in first out. Each batch is a job_list; the queue
+/// links them through `Node::next_batch` and keeps the batch's `last` and `size` in its first node
+/// (`batch_last`, `batch_size`), so it needs no memory of its own. Not thread-safe: its owner guards it.
+template <class Node>
+class batch_queue {
+ public:
+  [[nodiscard]] bool empty() const noexcept { return head_ == nullptr; }
+
+  void push(job_list<Node> batch) noexcept {
+    Node* first = batch.first;
+    first->next_batch = nullptr;
+    first->batch_last = batch.last;
+    first->batch_size = batch.size;
+    if (tail_ != nullptr) {
+      tail_->next_batch = first;
+    } else {
+      head_ = first;
+    }
+    tail_ = first;
+  }
+
+  job_list<Node> pop() noexcept {
+    Node* first = head_;
+    head_ = first->next_batch;
+    if (head_ == nullptr) tail_ = nullptr;
+    return {first, first->batch_last, first->batch_size};
+  }
+
+  /// Applies `job_list::remove_if` to every batch; batches left empty leave the queue.
+  template <class Remove>
+  void remove_if(Remove&& remove, job_list<Node>& removed) noexcept {
+    Node** link = &head_;
+    Node* previous_first = nullptr;
+    while (*link != nullptr) {
+      Node* first = *link;
+      Node* next_batch = first->next_batch;
+      job_list<Node> batch{first, first->batch_last, first->batch_size};
+      batch.remove_if(remove, removed);
+      if (batch.empty()) {
+        *link = next_batch;
+        continue;
+      }
+      batch.first->next_batch = next_batch;
+      batch.first->batch_last = batch.last;
+      batch.first->batch_size = batch.size;
+      *link = batch.first;
+      previous_first = batch.first;
+      link = &batch.first->next_batch;
+    }
+    tail_ = previous_first;
+  }
+
+ private:
+  Node* head_ = nullptr;
+  Node* tail_ = nullptr;  // first node of the newest batch
+};
+
+}  // namespace microbatch::detail

@@ -1,0 +1,105 @@
+// microbatch::detail::slot_pool: recycled memory for nodes that the batcher owns (callback submits).
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <new>
+
+namespace microbatch::detail {
+
+/// Fixed-size slots handed out and returned by any thread without a lock: a Treiber stack whose head
+/// packs a 32-bit slot index with a 32-bit tag (bumped on every change) into one 64-bit atomic, which
+/// defeats ABA. Slots live in slabs that are freed only with the pool, so reading a slot that another
+/// thread has just taken is harmless (the tag makes that compare-exchange fail). Allocates only when
+/// it grows (one slab of `slab_slots` at a time, under a mutex); past `max_slabs` slabs it falls back
+/// to plain operator new. All members thread-safe; the destructor requires every slot returned.
+template <std::size_t Size, std::size_t Align>
+class slot_pool {
+  struct slot;
+
+ public:
+  slot_pool() = default;
+  slot_pool(const slot_pool&) = delete;
+  slot_pool& operator=(const slot_pool&) = delete;
+  ~slot_pool() {
+    for (auto& slab : slabs_) delete[] slab.load(std::memory_order_relaxed);
+  }
+
+  /// Memory for one object of up to Size bytes; `pooled` says whether to give it back to the pool.
+  struct lease {
+    void* memory;
+    bool pooled;
+  };
+
+  lease acquire() {
+    std::uint64_t head = head_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto index_plus_one = static_cast<std::uint32_t>(head);
+      if (index_plus_one == 0) return grow();
+      slot& taken = at(index_plus_one - 1);
+      const std::uint64_t next = retagged(head, taken.next_free.load(std::memory_order_relaxed));
+      if (head_.compare_exchange_weak(head, next, std::memory_order_acquire, std::memory_order_acquire))
+        return {taken.bytes, true};
+    }
+  }
+
+  void release(lease given) noexcept {
+    if (!given.pooled) {
+      ::operator delete(given.memory, std::align_val_t{Align});
+      return;
+    }
+    // The bytes are the slot's first member: the slot starts where they do.
+    push(reinterpret_cast<slot*>(given.memory));
+  }
+
+ private:
+  void push(slot* returned) noexcept {
+    std::uint64_t head = head_.load(std::memory_order_relaxed);
+    std::uint64_t next;
+    do {
+      returned->next_free.store(static_cast<std::uint32_t>(head), std::memory_order_relaxed);
+      next = retagged(head, returned->index + 1);
+    } while (!head_.compare_exchange_weak(head, next, std::memory_order_release, std::memory_order_relaxed));
+  }
+
+  static constexpr std::size_t slab_slots = 256;
+  static constexpr std::size_t max_slabs = 4096;
+
+  struct slot {  // standard layout: `bytes` first, so a slot starts where its bytes do
+    alignas(Align) unsigned char bytes[Size];
+    std::atomic<std::uint32_t> next_free{0};  // index + 1 of the next free slot, 0 = none
+    std::uint32_t index = 0;
+  };
+
+  static std::uint64_t retagged(std::uint64_t head, std::uint32_t index_plus_one) noexcept {
+    return (((head >> 32) + 1) << 32) | index_plus_one;
+  }
+
+  slot& at(std::uint32_t index) noexcept {
+    return slabs_[index / slab_slots].load(std::memory_order_acquire)[index % slab_slots];
+  }
+
+  lease grow() {
+    std::lock_guard lock(grow_mutex_);
+    const std::size_t count = slab_count_.load(std::memory_order_relaxed);
+    if (count == max_slabs) return {::operator new(Size, std::align_val_t{Align}), false};
+    auto* slab = new slot[slab_slots];
+    for (std::size_t i = 0; i < slab_slots; ++i) slab[i].index = static_cast<std::uint32_t>(count * slab_slots + i);
+    slabs_[count].store(slab, std::memory_order_release);
+    slab_count_.store(count + 1, std::memory_order_release);
+    for (std::size_t i = 1; i < slab_slots; ++i) push(&slab[i]);
+    return {slab[0].bytes, true};
+  }
+
+  alignas(64) std::atomic<std::uint64_t> head_{0};
+  std::atomic<std::size_t> slab_count_{0};
+  std::mutex grow_mutex_;
+  std::array<std::atomic<slot*>, max_slabs> slabs_{};
+};
+
+}  // namespace microbatch::detail

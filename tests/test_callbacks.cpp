@@ -1,0 +1,106 @@
+// submit(job, on_complete): exactly one call, on a batcher thread, with the job's Outcome.
+#include <catch2/catch.hpp>
+
+#include <array>
+#include <latch>
+
+#include "support.hpp"
+
+using namespace test;
+using microbatch::Options;
+using microbatch::Outcome;
+
+TEST_CASE("the callback gets the result once, on a batcher thread", "[callbacks]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 4});
+  std::latch all_called(8);
+  std::atomic<int> calls{0}, right{0}, on_caller_thread{0};
+  const auto caller = std::this_thread::get_id();
+  for (std::uint64_t id = 0; id < 8; ++id) {
+    batcher.submit({id, int(id)}, [&, id](Outcome<Result>&& outcome) {
+      calls.fetch_add(1);
+      if (outcome.has_value() && outcome.value().id == id && outcome.value().value == 2 * int(id) && !outcome.error())
+        right.fetch_add(1);
+      if (std::this_thread::get_id() == caller) on_caller_thread.fetch_add(1);
+      all_called.count_down();
+    });
+  }
+  all_called.wait();
+  batcher.shutdown();
+  CHECK(calls.load() == 8);
+  CHECK(right.load() == 8);
+  CHECK(on_caller_thread.load() == 0);
+  CHECK(batcher.stats().jobs_completed == 8);
+}
+
+TEST_CASE("the callback gets the error; value() rethrows it", "[callbacks]") {
+  auto failing = [](std::span<Job>) -> std::vector<Result> { throw std::runtime_error("backend down"); };
+  microbatch::Batcher batcher(failing, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  std::promise<std::string> seen;
+  batcher.submit({1, 1}, [&](Outcome<Result>&& outcome) {
+    try {
+      if (outcome.has_value() || !outcome.error()) {
+        seen.set_value("no error");
+        return;
+      }
+      outcome.value();
+      seen.set_value("value() did not throw");
+    } catch (const std::runtime_error& e) {
+      seen.set_value(e.what());
+    }
+  });
+  CHECK(seen.get_future().get() == "backend down");
+}
+
+TEST_CASE("an exception escaping a callback is contained and counted", "[callbacks]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 2});
+  std::latch called(2);
+  batcher.submit({1, 1}, [&](Outcome<Result>&&) {
+    called.count_down();
+    throw std::logic_error("careless callback");
+  });
+  batcher.submit({2, 2}, [&](Outcome<Result>&&) { called.count_down(); });
+  called.wait();
+  CHECK(batcher.execute_job({3, 3}).value == 6);  // still working
+  batcher.shutdown();
+  CHECK(batcher.stats().callback_errors == 1);
+  CHECK(batcher.stats().jobs_completed == 3);
+}
+
+TEST_CASE("large callables, shutdown drains callbacks, submit after shutdown never calls back", "[callbacks]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 100, .max_batch_delay = 1h});
+  std::atomic<int> sum{0};
+  std::array<char, 200> ballast{};  // makes the callable larger than the inline buffer
+  ballast[0] = 1;
+  for (std::uint64_t id = 1; id <= 10; ++id)
+    batcher.submit({id, 1}, [&sum, ballast](Outcome<Result>&& outcome) { sum += outcome.value().value * ballast[0]; });
+  batcher.shutdown();
+  CHECK(sum.load() == 20);  // every callback ran before shutdown returned
+  bool called = false;
+  CHECK_THROWS_AS(batcher.submit({11, 1}, [&](Outcome<Result>&&) { called = true; }), microbatch::batcher_closed);
+  CHECK_FALSE(called);
+}
+
+TEST_CASE("Shutdown::cancel calls back queued jobs with batcher_closed", "[callbacks]") {
+  gate held;
+  auto process = [&](std::span<Job> jobs) {
+    held.enter();
+    return doubled(jobs);
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  auto first = batcher.submit({1, 1});
+  held.await_entered();
+  std::promise<bool> closed;
+  batcher.submit({2, 2}, [&](Outcome<Result>&& outcome) {
+    try {
+      outcome.value();
+      closed.set_value(false);
+    } catch (const microbatch::batcher_closed&) {
+      closed.set_value(true);
+    }
+  });
+  std::thread closer([&] { batcher.shutdown(microbatch::Shutdown::cancel); });
+  CHECK(closed.get_future().get());
+  held.open();
+  closer.join();
+  CHECK(first.get().value == 2);
+}

@@ -1,0 +1,87 @@
+// co_await batcher.async_execute_job(job): yields the result or throws, resumes on a batcher thread.
+#include <catch2/catch.hpp>
+
+#include <coroutine>
+#include <latch>
+
+#include "support.hpp"
+
+using namespace test;
+using microbatch::Options;
+
+namespace {
+// The smallest coroutine type: starts at once, runs to the end, frees itself.
+struct detached {
+  struct promise_type {
+    detached get_return_object() noexcept { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::terminate(); }
+  };
+};
+
+template <class B>
+detached ask(B& batcher, Job job, std::promise<Result>& answer, std::thread::id& resumed_on) {
+  try {
+    Result result = co_await batcher.async_execute_job(job);
+    resumed_on = std::this_thread::get_id();
+    answer.set_value(result);
+  } catch (...) {
+    resumed_on = std::this_thread::get_id();
+    answer.set_exception(std::current_exception());
+  }
+}
+
+template <class B>
+detached ask_many(B& batcher, std::uint64_t first, int count, std::atomic<int>& wrong, std::latch& done) {
+  for (int i = 0; i < count; ++i) {
+    const std::uint64_t id = first + std::uint64_t(i);
+    Result result = co_await batcher.async_execute_job({id, i});
+    if (result.id != id || result.value != 2 * i) wrong.fetch_add(1);
+  }
+  done.count_down();
+}
+}  // namespace
+
+TEST_CASE("co_await yields the result and resumes on a batcher thread", "[coroutines]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  std::promise<Result> answer;
+  std::thread::id resumed_on;
+  ask(batcher, {5, 21}, answer, resumed_on);
+  CHECK(answer.get_future().get().value == 42);
+  CHECK(resumed_on != std::this_thread::get_id());
+}
+
+TEST_CASE("co_await throws the job's error, or batcher_closed after shutdown", "[coroutines]") {
+  auto failing = [](std::span<Job>) -> std::vector<Result> { throw std::out_of_range("no such row"); };
+  microbatch::Batcher batcher(failing, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  {
+    std::promise<Result> answer;
+    std::thread::id resumed_on;
+    ask(batcher, {1, 1}, answer, resumed_on);
+    CHECK_THROWS_AS(answer.get_future().get(), std::out_of_range);
+  }
+  batcher.shutdown();
+  std::promise<Result> answer;
+  std::thread::id resumed_on;
+  ask(batcher, {2, 2}, answer, resumed_on);  // not accepted: resumes at once, on this thread
+  CHECK_THROWS_AS(answer.get_future().get(), microbatch::batcher_closed);
+  CHECK(resumed_on == std::this_thread::get_id());
+}
+
+TEST_CASE("thousands of coroutines from two threads share one batcher", "[coroutines]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 64, .max_batch_delay = 200us});
+  constexpr int coroutines = 2000, jobs_each = 5;
+  std::atomic<int> wrong{0};
+  std::latch done(coroutines);
+  auto start_half = [&](int from) {
+    for (int c = from; c < coroutines; c += 2) ask_many(batcher, std::uint64_t(c) * 100, jobs_each, wrong, done);
+  };
+  std::thread a(start_half, 0), b(start_half, 1);
+  a.join();
+  b.join();
+  done.wait();
+  CHECK(wrong.load() == 0);
+  CHECK(batcher.stats().jobs_completed == coroutines * jobs_each);
+}
