@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 
 #include <condition_variable>
+#include <coroutine>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -147,6 +148,36 @@ bool record_end(tally& t, std::uint64_t payload, bool had_deadline, bool had_sto
   return true;
 }
 
+struct detached {
+  struct promise_type {
+    detached get_return_object() noexcept { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::terminate(); }
+  };
+};
+
+/// Outcomes delivered on batcher threads (callbacks, resumed coroutines).
+struct shared_tally {
+  std::mutex mutex;
+  tally counts;           // guarded by mutex
+  std::atomic<int> outstanding{0};  // accepted (or about to be) and not yet ended
+};
+
+template <class B>
+detached await_job(B& batcher, StressJob job, shared_tally& shared) {
+  try {
+    const StressResult result = co_await batcher.async_execute_job(job);
+    std::lock_guard lock(shared.mutex);
+    record_end(shared.counts, job.payload, false, false, [&] { return result; });
+  } catch (...) {  // classify the job's error (or why it was not accepted) by rethrowing it
+    std::lock_guard lock(shared.mutex);
+    record_end(shared.counts, job.payload, false, false, []() -> StressResult { throw; });
+  }
+  shared.outstanding.fetch_sub(1);
+}
+
 totals run_round(std::uint64_t seed, totals& sum) {
   std::mt19937_64 random(seed);
   auto pick = [&](std::uint64_t lo, std::uint64_t hi) { return std::uniform_int_distribution<std::uint64_t>(lo, hi)(random); };
@@ -174,6 +205,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   std::vector<std::uint64_t> producer_seeds;
   for (int p = 0; p < producers; ++p) producer_seeds.push_back(random());
 
+  shared_tally async_outcomes;
   std::vector<std::thread> threads;
   for (int p = 0; p < producers; ++p) {
     threads.emplace_back([&, p] {
@@ -188,7 +220,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
       std::vector<pending_future> futures;
       for (int i = 0; i < jobs_each; ++i) {
         const StressJob job{draw(0, id_space - 1), draw(0, 1u << 30)};
-        const auto style = draw(0, 3);
+        const auto style = draw(0, 5);
         bool open = true;
         try {
           if (style == 0) {
@@ -198,6 +230,21 @@ totals run_round(std::uint64_t seed, totals& sum) {
             futures.push_back({batcher.submit(job, deadline), job.payload, true});
           } else if (style == 2) {
             open = record_end(t, job.payload, false, false, [&] { return batcher.execute_job(job); });
+          } else if (style == 4) {
+            async_outcomes.outstanding.fetch_add(1);
+            try {
+              batcher.submit(job, [&async_outcomes, payload = job.payload](microbatch::Outcome<StressResult>&& outcome) {
+                std::lock_guard lock(async_outcomes.mutex);
+                record_end(async_outcomes.counts, payload, false, false, [&] { return outcome.value(); });
+                async_outcomes.outstanding.fetch_sub(1);
+              });
+            } catch (...) {
+              async_outcomes.outstanding.fetch_sub(1);
+              throw;
+            }
+          } else if (style == 5) {
+            async_outcomes.outstanding.fetch_add(1);
+            await_job(batcher, job, async_outcomes);
           } else {
             auto stop = std::make_shared<std::stop_source>();
             {
@@ -244,8 +291,10 @@ totals run_round(std::uint64_t seed, totals& sum) {
   chaos.join();
   batcher.shutdown(shutdown_mode);
 
+  CHECK(async_outcomes.outstanding.load() == 0);  // every callback and coroutine ran before shutdown returned
   tally all;
   for (auto& t : tallies) all.add(t);
+  all.add(async_outcomes.counts);
   const auto stats = batcher.stats();
   const std::uint64_t injected_uncorrelated = processor.injected_uncorrelated_.load();
   INFO("seed " << seed);
