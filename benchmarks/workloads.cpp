@@ -55,7 +55,7 @@ inline void on_free(void* p) {
   if (p != nullptr && track_peak.load(std::memory_order_relaxed))
     live.fetch_sub(static_cast<std::int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
 }
-}  // namespace heap
+} // namespace heap
 
 void* operator new(std::size_t size) {
   void* p = std::malloc(size == 0 ? 1 : size);
@@ -63,14 +63,22 @@ void* operator new(std::size_t size) {
   heap::on_alloc(p);
   return p;
 }
-void* operator new[](std::size_t size) { return operator new(size); }
+void* operator new[](std::size_t size) {
+  return operator new(size);
+}
 void operator delete(void* p) noexcept {
   heap::on_free(p);
   std::free(p);
 }
-void operator delete[](void* p) noexcept { operator delete(p); }
-void operator delete(void* p, std::size_t) noexcept { operator delete(p); }
-void operator delete[](void* p, std::size_t) noexcept { operator delete(p); }
+void operator delete[](void* p) noexcept {
+  operator delete(p);
+}
+void operator delete(void* p, std::size_t) noexcept {
+  operator delete(p);
+}
+void operator delete[](void* p, std::size_t) noexcept {
+  operator delete(p);
+}
 
 namespace {
 
@@ -87,18 +95,17 @@ struct Echo {
   std::vector<Result> operator()(std::span<Job> jobs) const {
     std::vector<Result> results;
     results.reserve(jobs.size());
-    for (const Job& job : jobs) results.push_back({job.id});
+    for (const Job& job : jobs)
+      results.push_back({job.id});
     return results;
   }
 };
 
-template <template <class, class, class> class BatcherTemplate>
-using batcher_of = BatcherTemplate<Job, Result, Echo>;
+template <template <class, class, class> class BatcherTemplate> using batcher_of = BatcherTemplate<Job, Result, Echo>;
 using ours = batcher_of<microbatch::Batcher>;
 using plain = batcher_of<baseline::Batcher>;
 
-template <class B>
-constexpr const char* impl_name() {
+template <class B> constexpr const char* impl_name() {
   return std::is_same_v<B, ours> ? "microbatch" : "baseline";
 }
 
@@ -149,15 +156,16 @@ bool closed_loop(B& batcher, int producers, int jobs_each, double& elapsed_s, st
   }
   const auto t0 = clock_type::now();
   start.arrive_and_wait();
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   elapsed_s = seconds_between(t0, clock_type::now());
   if (latencies_us != nullptr)
-    for (auto& v : per_thread) latencies_us->insert(latencies_us->end(), v.begin(), v.end());
+    for (auto& v : per_thread)
+      latencies_us->insert(latencies_us->end(), v.begin(), v.end());
   return !wrong;
 }
 
-template <class B>
-void w1_closed_loop(benchmark::State& state) {
+template <class B> void w1_closed_loop(benchmark::State& state) {
   const int producers = static_cast<int>(state.range(0));
   const int jobs_each = smoke ? 20 : producers >= 64 ? 2000 : 400;
   double total_s = 0, total_jobs = 0;
@@ -172,8 +180,7 @@ void w1_closed_loop(benchmark::State& state) {
   record(state, "W1 closed loop P=" + std::to_string(producers), impl_name<B>(), "jobs/s", total_jobs / total_s, true);
 }
 
-template <class B>
-void w2_open_loop(benchmark::State& state) {
+template <class B> void w2_open_loop(benchmark::State& state) {
   const std::size_t jobs = smoke ? 5000 : 1000000;
   double total_s = 0, total_jobs = 0, allocations = 0, bytes = 0, peak_bytes = 0, rss_kib = 0;
   std::vector<std::future<Result>> futures;
@@ -181,16 +188,18 @@ void w2_open_loop(benchmark::State& state) {
   for (auto _ : state) {
     futures.clear();
     B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
-    { std::ofstream("/proc/self/clear_refs") << "5"; }  // resets the peak RSS (VmHWM)
+    { std::ofstream("/proc/self/clear_refs") << "5"; } // resets the peak RSS (VmHWM)
     heap::live = 0;
     heap::peak = 0;
     heap::track_peak = true;
     const auto allocations_before = heap::allocations.load();
     const auto bytes_before = heap::bytes.load();
     const auto t0 = clock_type::now();
-    for (std::size_t i = 0; i < jobs; ++i) futures.push_back(batcher.submit({i}));
+    for (std::size_t i = 0; i < jobs; ++i)
+      futures.push_back(batcher.submit({i}));
     bool wrong = false;
-    for (std::size_t i = 0; i < jobs; ++i) wrong |= futures[i].get().id != i;
+    for (std::size_t i = 0; i < jobs; ++i)
+      wrong |= futures[i].get().id != i;
     const double elapsed = seconds_between(t0, clock_type::now());
     heap::track_peak = false;
     allocations += double(heap::allocations.load() - allocations_before);
@@ -235,7 +244,8 @@ void w2_promise_floor(benchmark::State& state) {
           std::this_thread::yield();
           continue;
         }
-        for (; done < ready; ++done) promises[done].set_value({done});
+        for (; done < ready; ++done)
+          promises[done].set_value({done});
       }
     });
     for (std::size_t i = 0; i < jobs; ++i) {
@@ -244,7 +254,8 @@ void w2_promise_floor(benchmark::State& state) {
       published.store(i + 1, std::memory_order_release);
     }
     bool wrong = false;
-    for (std::size_t i = 0; i < jobs; ++i) wrong |= futures[i].get().id != i;
+    for (std::size_t i = 0; i < jobs; ++i)
+      wrong |= futures[i].get().id != i;
     fulfiller.join();
     const double elapsed = seconds_between(t0, clock_type::now());
     if (wrong) state.SkipWithError("wrong result");
@@ -256,8 +267,7 @@ void w2_promise_floor(benchmark::State& state) {
   state.counters["jobs/s"] = promise_floor_jobs_per_s;
 }
 
-template <class B>
-void w3_timer_accuracy(benchmark::State& state) {
+template <class B> void w3_timer_accuracy(benchmark::State& state) {
   const int jobs = smoke ? 20 : 5000;
   const auto delay = 1ms;
   std::vector<double> overshoot_us;
@@ -312,7 +322,7 @@ void w3_parts(benchmark::State& state) {
       }
     });
     for (int i = 0; i < samples; ++i) {
-      std::this_thread::sleep_for(200us);  // let the sleeper fall asleep in the kernel
+      std::this_thread::sleep_for(200us); // let the sleeper fall asleep in the kernel
       const auto t0 = clock_type::now();
       word.store(std::uint32_t(2 * i + 1));
       word.notify_one();
@@ -414,8 +424,7 @@ void w6_request_styles(benchmark::State& state) {
   state.counters["jobs/s"] = total_jobs / total_s;
 }
 
-template <class B>
-void w4_full_batches(benchmark::State& state) {
+template <class B> void w4_full_batches(benchmark::State& state) {
   const int producers = 64;
   const int jobs_each = smoke ? 10 : 500;
   std::vector<double> latencies_us;
@@ -446,16 +455,22 @@ void register_all() {
       b->UseManualTime()->Iterations(runs)->Unit(benchmark::kMillisecond);
     }
   };
-  for (int producers : {1, 2, 8, 64}) both("W1_closed_loop", w1_closed_loop<plain>, w1_closed_loop<ours>, iterations, producers);
+  for (int producers : {1, 2, 8, 64})
+    both("W1_closed_loop", w1_closed_loop<plain>, w1_closed_loop<ours>, iterations, producers);
   both("W2_open_loop", w2_open_loop<plain>, w2_open_loop<ours>, iterations, -1);
   benchmark::RegisterBenchmark("W2_open_loop/std_promise_floor", w2_promise_floor)
-      ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMillisecond);
+      ->UseManualTime()
+      ->Iterations(iterations)
+      ->Unit(benchmark::kMillisecond);
   both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
   benchmark::RegisterBenchmark("W3_timer_accuracy/parts", w3_parts)->UseManualTime()->Iterations(1);
   both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
   for (int style : {0, 1, 2})
     benchmark::RegisterBenchmark("W6_64_requests/microbatch", w6_request_styles)
-        ->Arg(style)->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMillisecond);
+        ->Arg(style)
+        ->UseManualTime()
+        ->Iterations(iterations)
+        ->Unit(benchmark::kMillisecond);
 }
 
 void print_table() {
@@ -473,7 +488,8 @@ void print_table() {
       std::printf("%-24s %-28s %14.6g %14.6g %7.2fx\n", workload.c_str(), metric.c_str(), base, ours_value, ratio);
     }
   }
-  std::printf("(ratio > 1: microbatch is better; for latency, memory and allocations the ratio is baseline/microbatch)\n");
+  std::printf(
+      "(ratio > 1: microbatch is better; for latency, memory and allocations the ratio is baseline/microbatch)\n");
   if (promise_floor_jobs_per_s > 0)
     std::printf("W2 floor: std::promise/std::future alone, no batcher: %.6g jobs/s\n", promise_floor_jobs_per_s);
   if (!w3_parts_summary.empty()) std::printf("%s\n", w3_parts_summary.c_str());
@@ -481,7 +497,7 @@ void print_table() {
     std::printf("W6 64 concurrent requests, closed loop, microbatch: %-24s %.6g jobs/s\n", style.c_str(), rate);
 }
 
-}  // namespace
+} // namespace
 
 int main(int argc, char** argv) {
   std::vector<char*> args;

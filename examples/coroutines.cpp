@@ -34,10 +34,11 @@ struct Profile {
 
 std::atomic<int> batches{0};
 
-std::vector<Profile> load_profiles(std::span<Lookup> lookups) {  // one round trip for the whole batch
+std::vector<Profile> load_profiles(std::span<Lookup> lookups) { // one round trip for the whole batch
   batches.fetch_add(1);
   std::vector<Profile> profiles;
-  for (const Lookup& lookup : lookups) profiles.push_back({lookup.user_id, lookup.user_id % 97});
+  for (const Lookup& lookup : lookups)
+    profiles.push_back({lookup.user_id, lookup.user_id % 97});
   return profiles;
 }
 
@@ -59,8 +60,14 @@ int main() {
   constexpr int requests = 4000;
   std::atomic<long> total{0};
   std::latch done(requests);
-  std::thread first([&] { for (int id = 0; id < requests; id += 2) handle_request(profiles, id, total, done); });
-  std::thread second([&] { for (int id = 1; id < requests; id += 2) handle_request(profiles, id, total, done); });
+  std::thread first([&] {
+    for (int id = 0; id < requests; id += 2)
+      handle_request(profiles, id, total, done);
+  });
+  std::thread second([&] {
+    for (int id = 1; id < requests; id += 2)
+      handle_request(profiles, id, total, done);
+  });
   first.join();
   second.join();
   done.wait();

@@ -23,7 +23,7 @@ struct JobResult {
 
 // Stands in for one network round trip carrying a whole batch; answers arrive in any order.
 class RemoteProcessor {
- public:
+public:
   std::vector<JobResult> operator()(std::span<Job> jobs) {
     std::vector<JobResult> results;
     std::string ids;
@@ -46,12 +46,12 @@ int main() {
   for (int i = 1; i <= 5; ++i) {
     callers.emplace_back([&, i] {
       const std::string id = std::to_string(i);
-      JobResult result = batcher.execute_job({id, "job " + id});  // blocks until its batch is back
+      JobResult result = batcher.execute_job({id, "job " + id}); // blocks until its batch is back
       std::lock_guard lock(print_mutex);
       std::printf("caller %s got: %s\n", id.c_str(), result.response.c_str());
     });
   }
-  callers.clear();  // join the callers
+  callers.clear(); // join the callers
   batcher.shutdown();
 
   const microbatch::Stats stats = batcher.stats();

@@ -33,12 +33,12 @@ void check(bool ok, const char* what) {
 }
 
 class input {
- public:
+public:
   input(const std::uint8_t* data, std::size_t size) : data_(data), size_(size) {}
   bool more() const { return at_ < size_; }
   std::uint8_t byte() { return at_ < size_ ? data_[at_++] : 0; }
 
- private:
+private:
   const std::uint8_t* data_;
   std::size_t size_, at_ = 0;
 };
@@ -47,20 +47,31 @@ struct faulty_processor {
   std::atomic<int>* mode;
   std::vector<Result> operator()(std::span<Job> jobs) const {
     std::vector<Result> results;
-    for (const Job& job : jobs) results.push_back({job.id, job.payload + 1});
+    for (const Job& job : jobs)
+      results.push_back({job.id, job.payload + 1});
     switch (mode->load()) {
-      case 1: throw processor_fault{};
-      case 2: if (!results.empty()) results.pop_back(); break;                  // a missing result
-      case 3: if (!results.empty()) results.push_back({results[0].id, 0}); break;  // a second answer
-      case 4: results.push_back({1000, 0}); break;                              // an unknown ID
-      case 5: std::reverse(results.begin(), results.end()); break;
-      default: break;
+    case 1:
+      throw processor_fault{};
+    case 2:
+      if (!results.empty()) results.pop_back();
+      break; // a missing result
+    case 3:
+      if (!results.empty()) results.push_back({results[0].id, 0});
+      break; // a second answer
+    case 4:
+      results.push_back({1000, 0});
+      break; // an unknown ID
+    case 5:
+      std::reverse(results.begin(), results.end());
+      break;
+    default:
+      break;
     }
     return results;
   }
 };
 
-}  // namespace
+} // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   using namespace std::chrono_literals;
@@ -73,7 +84,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   options.max_concurrent_batches = 1 + in.byte() % 3;
   if (in.byte() % 4 == 0) {
     options.max_pending_jobs = std::max<std::size_t>(options.max_batch_size, 1) * (1 + in.byte() % 3);
-    options.overflow = microbatch::Overflow::reject;  // a single-threaded driver must never block
+    options.overflow = microbatch::Overflow::reject; // a single-threaded driver must never block
   }
   options.clock = &clock;
 
@@ -87,46 +98,52 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto shutdown_mode = microbatch::Shutdown::drain;
   {
     microbatch::Batcher<Job, Result, faulty_processor> batcher(faulty_processor{&fault_mode}, &Job::id, &Result::id,
-                                                              options);
+                                                               options);
     bool closed = false;
     while (in.more()) {
       const std::uint8_t op = in.byte() % 8;
       try {
         switch (op) {
-          case 0:
-          case 1: {
-            const Job job{in.byte() % 16u, in.byte()};
-            futures.push_back({batcher.submit(job), job.payload, false});
-            check(!closed, "submit after shutdown was accepted");
-            break;
+        case 0:
+        case 1: {
+          const Job job{in.byte() % 16u, in.byte()};
+          futures.push_back({batcher.submit(job), job.payload, false});
+          check(!closed, "submit after shutdown was accepted");
+          break;
+        }
+        case 2: {
+          const Job job{in.byte() % 16u, in.byte()};
+          const auto deadline = clock.now() + std::chrono::microseconds(in.byte() % 64);
+          futures.push_back({batcher.submit(job, deadline), job.payload, true});
+          check(!closed, "submit after shutdown was accepted");
+          break;
+        }
+        case 3:
+          batcher.flush();
+          break;
+        case 4:
+          clock.advance(std::chrono::microseconds(in.byte() % 64));
+          break;
+        case 5:
+          fault_mode = in.byte() % 6;
+          break;
+        case 6: {
+          std::stop_source stop;
+          stop.request_stop();
+          try {
+            (void)batcher.execute_job({0, 0}, stop.get_token());
+            check(false, "execute_job with a stop already requested returned");
+          } catch (const microbatch::cancelled&) {
           }
-          case 2: {
-            const Job job{in.byte() % 16u, in.byte()};
-            const auto deadline = clock.now() + std::chrono::microseconds(in.byte() % 64);
-            futures.push_back({batcher.submit(job, deadline), job.payload, true});
-            check(!closed, "submit after shutdown was accepted");
-            break;
-          }
-          case 3: batcher.flush(); break;
-          case 4: clock.advance(std::chrono::microseconds(in.byte() % 64)); break;
-          case 5: fault_mode = in.byte() % 6; break;
-          case 6: {
-            std::stop_source stop;
-            stop.request_stop();
-            try {
-              (void)batcher.execute_job({0, 0}, stop.get_token());
-              check(false, "execute_job with a stop already requested returned");
-            } catch (const microbatch::cancelled&) {
-            }
-            break;
-          }
-          default: {
-            const auto how = in.byte() % 2 == 0 ? microbatch::Shutdown::drain : microbatch::Shutdown::cancel;
-            batcher.shutdown(how);  // a second shutdown changes nothing
-            if (!closed) shutdown_mode = how;
-            closed = true;
-            break;
-          }
+          break;
+        }
+        default: {
+          const auto how = in.byte() % 2 == 0 ? microbatch::Shutdown::drain : microbatch::Shutdown::cancel;
+          batcher.shutdown(how); // a second shutdown changes nothing
+          if (!closed) shutdown_mode = how;
+          closed = true;
+          break;
+        }
         }
       } catch (const microbatch::queue_full&) {
         ++rejected;

@@ -16,7 +16,8 @@ struct Answer {
 int main() {
   auto square_all = [](std::span<Lookup> lookups) {
     std::vector<Answer> answers;
-    for (const Lookup& lookup : lookups) answers.push_back({lookup.key, lookup.key * lookup.key});
+    for (const Lookup& lookup : lookups)
+      answers.push_back({lookup.key, lookup.key * lookup.key});
     return answers;
   };
   microbatch::Batcher batcher(square_all, &Lookup::key, &Answer::key);

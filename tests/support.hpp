@@ -28,10 +28,11 @@ struct Result {
 
 /// Records the IDs of every batch the processor saw. Thread-safe.
 class batch_log {
- public:
+public:
   void record(std::span<const Job> jobs) {
     std::vector<std::uint64_t> ids;
-    for (const Job& job : jobs) ids.push_back(job.id);
+    for (const Job& job : jobs)
+      ids.push_back(job.id);
     std::lock_guard lock(mutex_);
     batches_.push_back(std::move(ids));
   }
@@ -41,7 +42,8 @@ class batch_log {
   }
   std::vector<std::size_t> sizes() const {
     std::vector<std::size_t> result;
-    for (const auto& b : batches()) result.push_back(b.size());
+    for (const auto& b : batches())
+      result.push_back(b.size());
     return result;
   }
   bool saw(std::uint64_t id) const {
@@ -51,7 +53,7 @@ class batch_log {
     return false;
   }
 
- private:
+private:
   mutable std::mutex mutex_;
   std::vector<std::vector<std::uint64_t>> batches_;
 };
@@ -60,32 +62,33 @@ class batch_log {
 inline std::vector<Result> doubled(std::span<Job> jobs) {
   std::vector<Result> results;
   results.reserve(jobs.size());
-  for (const Job& job : jobs) results.push_back({job.id, 2 * job.value});
+  for (const Job& job : jobs)
+    results.push_back({job.id, 2 * job.value});
   return results;
 }
 
 /// Holds processors inside their batch until `open()`. `await_entered(n)` returns once n batches
 /// have entered. Thread-safe.
 class gate {
- public:
+public:
   void enter() {
     entered_.release();
     opened_.wait();
   }
   void await_entered(int batches = 1) {
-    for (int i = 0; i < batches; ++i) entered_.acquire();
+    for (int i = 0; i < batches; ++i)
+      entered_.acquire();
   }
   void open() { open_promise_.set_value(); }
 
- private:
+private:
   std::counting_semaphore<> entered_{0};
   std::promise<void> open_promise_;
   std::shared_future<void> opened_ = open_promise_.get_future().share();
 };
 
-template <class T>
-bool is_ready(const std::future<T>& future) {
+template <class T> bool is_ready(const std::future<T>& future) {
   return future.wait_for(0s) == std::future_status::ready;
 }
 
-}  // namespace test
+} // namespace test

@@ -3,32 +3,42 @@
 #include <catch2/catch.hpp>
 
 #include <barrier>
-#include <cstdlib>
 #include <coroutine>
+#include <cstdlib>
 #include <new>
 
 #include "support.hpp"
 
 namespace {
 std::atomic<std::uint64_t> allocations{0};
-thread_local bool not_counted = false;  // set inside the processor: its result vector is the user's
+thread_local bool not_counted = false; // set inside the processor: its result vector is the user's
 
 struct uncounted_scope {
   uncounted_scope() { not_counted = true; }
   ~uncounted_scope() { not_counted = false; }
 };
-}  // namespace
+} // namespace
 
 void* operator new(std::size_t size) {
   if (!not_counted) allocations.fetch_add(1, std::memory_order_relaxed);
   if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
   throw std::bad_alloc();
 }
-void* operator new[](std::size_t size) { return operator new(size); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void* operator new[](std::size_t size) {
+  return operator new(size);
+}
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, std::size_t) noexcept {
+  std::free(p);
+}
 
 using namespace test;
 using microbatch::Options;
@@ -38,15 +48,17 @@ std::vector<Result> doubled_uncounted(std::span<Job> jobs) {
   uncounted_scope scope;
   return doubled(jobs);
 }
-}  // namespace
+} // namespace
 
 TEST_CASE("execute_job allocates nothing per job in steady state", "[allocations]") {
   SECTION("one caller, batches of one") {
     microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
                                 Options{.max_batch_size = 1, .max_batch_delay = 0s});
-    for (std::uint64_t id = 0; id < 200; ++id) REQUIRE(batcher.execute_job({id, 1}).value == 2);  // warm up
+    for (std::uint64_t id = 0; id < 200; ++id)
+      REQUIRE(batcher.execute_job({id, 1}).value == 2); // warm up
     const std::uint64_t before = allocations.load();
-    for (std::uint64_t id = 200; id < 1200; ++id) REQUIRE(batcher.execute_job({id, 1}).value == 2);
+    for (std::uint64_t id = 200; id < 1200; ++id)
+      REQUIRE(batcher.execute_job({id, 1}).value == 2);
     CHECK(allocations.load() - before == 0);
   }
   SECTION("eight callers, full batches of eight") {
@@ -65,18 +77,19 @@ TEST_CASE("execute_job allocates nothing per job in steady state", "[allocations
             const auto id = std::uint64_t(c) * 100000 + std::uint64_t(round * jobs_per_phase + i);
             if (batcher.execute_job({id, i}).value != 2 * i) wrong.fetch_add(1);
           }
-          phase.arrive_and_wait();  // end of a phase
-          phase.arrive_and_wait();  // the main thread has read the counter
+          phase.arrive_and_wait(); // end of a phase
+          phase.arrive_and_wait(); // the main thread has read the counter
         }
       });
     }
-    phase.arrive_and_wait();  // warm-up done
+    phase.arrive_and_wait(); // warm-up done
     const std::uint64_t before = allocations.load();
     phase.arrive_and_wait();
-    phase.arrive_and_wait();  // measured phase done
+    phase.arrive_and_wait(); // measured phase done
     const std::uint64_t after = allocations.load();
     phase.arrive_and_wait();
-    for (auto& t : threads) t.join();
+    for (auto& t : threads)
+      t.join();
     CHECK(wrong.load() == 0);
     CHECK(after - before == 0);
   }
@@ -93,13 +106,15 @@ TEST_CASE("submit allocates no more than std::promise itself needs", "[allocatio
 
   microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
                               Options{.max_batch_size = 1, .max_batch_delay = 0s});
-  for (std::uint64_t id = 0; id < 200; ++id) REQUIRE(batcher.submit({id, 1}).get().value == 2);
+  for (std::uint64_t id = 0; id < 200; ++id)
+    REQUIRE(batcher.submit({id, 1}).get().value == 2);
   const std::uint64_t before = allocations.load();
-  for (std::uint64_t id = 200; id < 1200; ++id) REQUIRE(batcher.submit({id, 1}).get().value == 2);
+  for (std::uint64_t id = 200; id < 1200; ++id)
+    REQUIRE(batcher.submit({id, 1}).get().value == 2);
   const std::uint64_t per_submit_x1000 = allocations.load() - before;
   INFO("std::promise alone: " << promise_allocations << " allocations; 1000 submits: " << per_submit_x1000);
   CHECK(per_submit_x1000 <= 1000 * promise_allocations);
-  CHECK(per_submit_x1000 == 1000);  // one block per job: node, shared state and result holder together
+  CHECK(per_submit_x1000 == 1000); // one block per job: node, shared state and result holder together
 }
 
 TEST_CASE("submit with a small callback allocates nothing per job once warm", "[allocations]") {
@@ -118,11 +133,12 @@ TEST_CASE("submit with a small callback allocates nothing per job once warm", "[
     }
   };
   auto await_all = [&] {
-    while (remaining.load() != 0) std::this_thread::yield();  // a state, not a time
+    while (remaining.load() != 0)
+      std::this_thread::yield(); // a state, not a time
   };
   gate held;
   batcher.submit({0, 1}, [&](microbatch::Outcome<Result>&&) { held.enter(); });
-  held.await_entered();  // job 0 has completed (its slot is free); the worker waits in its callback
+  held.await_entered(); // job 0 has completed (its slot is free); the worker waits in its callback
   submit_all(1, 64);
   held.open();
   await_all();
@@ -147,13 +163,14 @@ struct detached {
 
 template <class B>
 detached ask_in_a_loop(B& batcher, int count, std::uint64_t& allocations_in_loop, std::promise<void>& done) {
-  (void)co_await batcher.async_execute_job({0, 1});  // warm up
+  (void)co_await batcher.async_execute_job({0, 1}); // warm up
   const std::uint64_t before = allocations.load();
-  for (int i = 1; i <= count; ++i) (void)co_await batcher.async_execute_job({std::uint64_t(i), 1});
+  for (int i = 1; i <= count; ++i)
+    (void)co_await batcher.async_execute_job({std::uint64_t(i), 1});
   allocations_in_loop = allocations.load() - before;
   done.set_value();
 }
-}  // namespace
+} // namespace
 
 TEST_CASE("co_await async_execute_job allocates nothing beyond the coroutine frame", "[allocations]") {
   microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,

@@ -82,5 +82,5 @@ TEST_CASE("a submit blocked by backpressure is released by its stop_token with c
   held.open();
   CHECK(a.get().value == 2);
   batcher.shutdown();
-  CHECK(batcher.stats().jobs_submitted == 1);  // the cancelled wait never got in
+  CHECK(batcher.stats().jobs_submitted == 1); // the cancelled wait never got in
 }

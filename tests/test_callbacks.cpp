@@ -60,7 +60,7 @@ TEST_CASE("an exception escaping a callback is contained and counted", "[callbac
   });
   batcher.submit({2, 2}, [&](Outcome<Result>&&) { called.count_down(); });
   called.wait();
-  CHECK(batcher.execute_job({3, 3}).value == 6);  // still working
+  CHECK(batcher.execute_job({3, 3}).value == 6); // still working
   batcher.shutdown();
   CHECK(batcher.stats().callback_errors == 1);
   CHECK(batcher.stats().jobs_completed == 3);
@@ -69,12 +69,12 @@ TEST_CASE("an exception escaping a callback is contained and counted", "[callbac
 TEST_CASE("large callables, shutdown drains callbacks, submit after shutdown never calls back", "[callbacks]") {
   microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 100, .max_batch_delay = 1h});
   std::atomic<int> sum{0};
-  std::array<char, 200> ballast{};  // makes the callable larger than the inline buffer
+  std::array<char, 200> ballast{}; // makes the callable larger than the inline buffer
   ballast[0] = 1;
   for (std::uint64_t id = 1; id <= 10; ++id)
     batcher.submit({id, 1}, [&sum, ballast](Outcome<Result>&& outcome) { sum += outcome.value().value * ballast[0]; });
   batcher.shutdown();
-  CHECK(sum.load() == 20);  // every callback ran before shutdown returned
+  CHECK(sum.load() == 20); // every callback ran before shutdown returned
   bool called = false;
   CHECK_THROWS_AS(batcher.submit({11, 1}, [&](Outcome<Result>&&) { called = true; }), microbatch::batcher_closed);
   CHECK_FALSE(called);

@@ -31,7 +31,8 @@ TEST_CASE("with max_concurrent_batches == 1 the processor is never called concur
       }
     });
   }
-  for (auto& t : producers) t.join();
+  for (auto& t : producers)
+    t.join();
   CHECK(wrong.load() == 0);
   CHECK(most_inside.load() == 1);
   CHECK(batcher.stats().jobs_completed == 8 * 300);
@@ -40,7 +41,7 @@ TEST_CASE("with max_concurrent_batches == 1 the processor is never called concur
 TEST_CASE("max_concurrent_batches batches are processed at once", "[concurrency]") {
   std::latch all_inside(3);
   auto process = [&](std::span<Job> jobs) {
-    all_inside.arrive_and_wait();  // returns only when three batches are inside together
+    all_inside.arrive_and_wait(); // returns only when three batches are inside together
     return doubled(jobs);
   };
   microbatch::Batcher batcher(process, &Job::id, &Result::id,
@@ -65,11 +66,11 @@ TEST_CASE("a busy processor does not stop the collector from forming and timing 
   auto a = batcher.submit({1, 1});
   clock.await_timers(1);
   clock.advance(10ms);
-  held.await_entered();  // batch 1 is in the (only) processor slot
+  held.await_entered(); // batch 1 is in the (only) processor slot
   auto b = batcher.submit({2, 2});
   clock.await_timers(1);
   clock.advance(10ms);
-  batcher.flush();  // the collector has handled the advance: batch 2 timed out while batch 1 runs
+  batcher.flush(); // the collector has handled the advance: batch 2 timed out while batch 1 runs
   auto stats = batcher.stats();
   CHECK(stats.batches_timed_out == 2);
   CHECK(stats.batches_flushed == 0);
@@ -92,15 +93,23 @@ TEST_CASE("many producers, every submission style, every result right", "[concur
       for (int i = 0; i < jobs_each; ++i) {
         const auto id = std::uint64_t(p) * 100000 + std::uint64_t(i);
         switch (i % 3) {
-          case 0: futures.emplace_back(i, batcher.submit({id, i})); break;
-          case 1: wrong += batcher.execute_job({id, i}).value != 2 * i; break;
-          default: wrong += batcher.execute_job({id, i}, never_stopped.get_token()).value != 2 * i; break;
+        case 0:
+          futures.emplace_back(i, batcher.submit({id, i}));
+          break;
+        case 1:
+          wrong += batcher.execute_job({id, i}).value != 2 * i;
+          break;
+        default:
+          wrong += batcher.execute_job({id, i}, never_stopped.get_token()).value != 2 * i;
+          break;
         }
       }
-      for (auto& [i, f] : futures) wrong += f.get().value != 2 * i;
+      for (auto& [i, f] : futures)
+        wrong += f.get().value != 2 * i;
     });
   }
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   CHECK(wrong.load() == 0);
   auto stats = batcher.stats();
   CHECK(stats.jobs_submitted == producers * jobs_each);

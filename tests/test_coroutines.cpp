@@ -21,8 +21,7 @@ struct detached {
   };
 };
 
-template <class B>
-detached ask(B& batcher, Job job, std::promise<Result>& answer, std::thread::id& resumed_on) {
+template <class B> detached ask(B& batcher, Job job, std::promise<Result>& answer, std::thread::id& resumed_on) {
   try {
     Result result = co_await batcher.async_execute_job(job);
     resumed_on = std::this_thread::get_id();
@@ -42,7 +41,7 @@ detached ask_many(B& batcher, std::uint64_t first, int count, std::atomic<int>& 
   }
   done.count_down();
 }
-}  // namespace
+} // namespace
 
 TEST_CASE("co_await yields the result and resumes on a batcher thread", "[coroutines]") {
   microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
@@ -65,7 +64,7 @@ TEST_CASE("co_await throws the job's error, or batcher_closed after shutdown", "
   batcher.shutdown();
   std::promise<Result> answer;
   std::thread::id resumed_on;
-  ask(batcher, {2, 2}, answer, resumed_on);  // not accepted: resumes at once, on this thread
+  ask(batcher, {2, 2}, answer, resumed_on); // not accepted: resumes at once, on this thread
   CHECK_THROWS_AS(answer.get_future().get(), microbatch::batcher_closed);
   CHECK(resumed_on == std::this_thread::get_id());
 }
@@ -76,7 +75,8 @@ TEST_CASE("thousands of coroutines from two threads share one batcher", "[corout
   std::atomic<int> wrong{0};
   std::latch done(coroutines);
   auto start_half = [&](int from) {
-    for (int c = from; c < coroutines; c += 2) ask_many(batcher, std::uint64_t(c) * 100, jobs_each, wrong, done);
+    for (int c = from; c < coroutines; c += 2)
+      ask_many(batcher, std::uint64_t(c) * 100, jobs_each, wrong, done);
   };
   std::thread a(start_half, 0), b(start_half, 1);
   a.join();

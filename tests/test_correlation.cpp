@@ -21,7 +21,7 @@ std::string error_message(std::future<Result>& future) {
   }
   return "no error";
 }
-}  // namespace
+} // namespace
 
 TEST_CASE("results in any order reach the job with the same ID", "[correlation]") {
   auto reversed = [](std::span<Job> jobs) {
@@ -42,12 +42,13 @@ TEST_CASE("results in any order reach the job with the same ID", "[correlation]"
 TEST_CASE("positional mode: result i answers job i", "[correlation]") {
   auto process = [](std::span<Job> jobs) {
     std::vector<Result> results;
-    for (const Job& job : jobs) results.push_back({0, job.value + 100});  // IDs ignored
+    for (const Job& job : jobs)
+      results.push_back({0, job.value + 100}); // IDs ignored
     return results;
   };
   microbatch::Batcher<Job, Result, decltype(process)> batcher(process, three_per_batch);
   auto a = batcher.submit({1, 1});
-  auto b = batcher.submit({1, 2});  // same ID is fine: there are no IDs here
+  auto b = batcher.submit({1, 2}); // same ID is fine: there are no IDs here
   auto c = batcher.submit({1, 3});
   CHECK(a.get().value == 101);
   CHECK(b.get().value == 102);
@@ -58,7 +59,8 @@ TEST_CASE("positional mode: missing tail results fail with no_result, extra resu
   std::size_t answers = 2;
   auto process = [&](std::span<Job> jobs) {
     std::vector<Result> results;
-    for (std::size_t i = 0; i < answers; ++i) results.push_back({0, jobs[0].value + int(i)});
+    for (std::size_t i = 0; i < answers; ++i)
+      results.push_back({0, jobs[0].value + int(i)});
     return results;
   };
   microbatch::Batcher<Job, Result, decltype(process)> batcher(process, three_per_batch);
@@ -74,8 +76,10 @@ TEST_CASE("positional mode: missing tail results fail with no_result, extra resu
   answers = 5;
   microbatch::Batcher<Job, Result, decltype(process)> second(process, three_per_batch);
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 3; ++id) futures.push_back(second.submit({id, 7}));
-  for (auto& f : futures) f.get();
+  for (std::uint64_t id = 1; id <= 3; ++id)
+    futures.push_back(second.submit({id, 7}));
+  for (auto& f : futures)
+    f.get();
   second.shutdown();
   CHECK(second.stats().uncorrelated_results == 2);
 }
@@ -123,15 +127,17 @@ TEST_CASE("stray and second results are dropped and counted - the first answer w
     std::vector<Result> results;
     for (const Job& job : jobs) {
       results.push_back({job.id, job.value});
-      results.push_back({job.id, -1});  // a second answer for the same job
+      results.push_back({job.id, -1}); // a second answer for the same job
     }
-    results.push_back({999, 0});  // answers nobody
+    results.push_back({999, 0}); // answers nobody
     return results;
   };
   microbatch::Batcher batcher(noisy, &Job::id, &Result::id, three_per_batch);
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 3; ++id) futures.push_back(batcher.submit({id, int(id)}));
-  for (std::uint64_t id = 1; id <= 3; ++id) CHECK(futures[id - 1].get().value == int(id));
+  for (std::uint64_t id = 1; id <= 3; ++id)
+    futures.push_back(batcher.submit({id, int(id)}));
+  for (std::uint64_t id = 1; id <= 3; ++id)
+    CHECK(futures[id - 1].get().value == int(id));
   batcher.shutdown();
   CHECK(batcher.stats().uncorrelated_results == 4);
 }
@@ -144,13 +150,16 @@ struct Named {
 struct Greeting {
   std::string name, text;
 };
-std::string greeting_name(const Greeting& g) { return g.name; }
-}  // namespace
+std::string greeting_name(const Greeting& g) {
+  return g.name;
+}
+} // namespace
 
 TEST_CASE("ID extractors: member functions, free functions, lambdas - keys compared after decay", "[correlation]") {
   auto greet = [](std::span<Named> jobs) {
     std::vector<Greeting> results;
-    for (const Named& job : jobs) results.push_back({job.name, "hello " + job.name});
+    for (const Named& job : jobs)
+      results.push_back({job.name, "hello " + job.name});
     return results;
   };
   microbatch::Batcher<Named, Greeting, decltype(greet)> batcher(greet, &Named::key, &greeting_name, three_per_batch);
@@ -173,26 +182,27 @@ struct MoveOnlyJob {
   std::uint64_t id;
   std::unique_ptr<int> payload;
 };
-class MoveOnlyResult {  // no default constructor
- public:
+class MoveOnlyResult { // no default constructor
+public:
   MoveOnlyResult(std::uint64_t id, std::unique_ptr<int> payload) : id_(id), payload_(std::move(payload)) {}
   std::uint64_t id() const { return id_; }
   int value() const { return *payload_; }
 
- private:
+private:
   std::uint64_t id_;
   std::unique_ptr<int> payload_;
 };
-}  // namespace
+} // namespace
 
 TEST_CASE("move-only jobs and results without a default constructor", "[correlation]") {
   auto process = [](std::span<MoveOnlyJob> jobs) {
     std::vector<MoveOnlyResult> results;
-    for (MoveOnlyJob& job : jobs) results.emplace_back(job.id, std::move(job.payload));
+    for (MoveOnlyJob& job : jobs)
+      results.emplace_back(job.id, std::move(job.payload));
     return results;
   };
   microbatch::Batcher<MoveOnlyJob, MoveOnlyResult, decltype(process)> batcher(process, &MoveOnlyJob::id,
-                                                                               &MoveOnlyResult::id, three_per_batch);
+                                                                              &MoveOnlyResult::id, three_per_batch);
   auto a = batcher.submit({1, std::make_unique<int>(11)});
   auto b = batcher.submit({2, std::make_unique<int>(22)});
   auto c = std::async(std::launch::async, [&] { return batcher.execute_job({3, std::make_unique<int>(33)}); });

@@ -20,12 +20,12 @@ TEST_CASE("a job whose deadline passes while queued behind a busy processor fail
                               Options{.max_batch_size = 1, .max_batch_delay = 0s, .clock = &clock});
   auto running = batcher.submit({1, 1});
   held.await_entered();
-  auto doomed = batcher.submit({2, 2}, clock.now() + 5ms);  // a full batch of one, waiting for the worker
+  auto doomed = batcher.submit({2, 2}, clock.now() + 5ms); // a full batch of one, waiting for the worker
   auto patient = batcher.submit({3, 3}, clock.now() + 1h);
   clock.await_timers(1);
   CHECK(clock.next_timer() == clock.now() + 5ms);
   clock.advance(5ms);
-  CHECK_THROWS_AS(doomed.get(), microbatch::deadline_exceeded);  // while batch 1 still holds the processor
+  CHECK_THROWS_AS(doomed.get(), microbatch::deadline_exceeded); // while batch 1 still holds the processor
   CHECK_FALSE(is_ready(running));
   held.open();
   CHECK(running.get().value == 2);
@@ -71,7 +71,8 @@ TEST_CASE("cancelling a queued job: it leaves the queue and execute_job throws c
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 0, .max_batch_delay = 0s});
   std::stop_source stop;
   auto caller = std::async(std::launch::async, [&] { return batcher.execute_job({1, 1}, stop.get_token()); });
-  while (batcher.stats().jobs_submitted == 0) std::this_thread::yield();  // wait for a state, not a time
+  while (batcher.stats().jobs_submitted == 0)
+    std::this_thread::yield(); // wait for a state, not a time
   stop.request_stop();
   CHECK_THROWS_AS(caller.get(), microbatch::cancelled);
   auto later = batcher.submit({2, 2});
@@ -95,7 +96,7 @@ TEST_CASE("cancelling a job in the processor returns at once - its result is dis
   auto caller = std::async(std::launch::async, [&] { return batcher.execute_job({1, 1}, stop.get_token()); });
   held.await_entered();
   stop.request_stop();
-  CHECK_THROWS_AS(caller.get(), microbatch::cancelled);  // the processor is still inside the batch
+  CHECK_THROWS_AS(caller.get(), microbatch::cancelled); // the processor is still inside the batch
   held.open();
   batcher.shutdown();
   auto stats = batcher.stats();

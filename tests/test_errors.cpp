@@ -17,7 +17,8 @@ TEST_CASE("a throwing processor fails every job of its batch with the same excep
   };
   microbatch::Batcher batcher(flaky, &Job::id, &Result::id, Options{.max_batch_size = 3, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 3; ++id) futures.push_back(batcher.submit({id, 1}));
+  for (std::uint64_t id = 1; id <= 3; ++id)
+    futures.push_back(batcher.submit({id, 1}));
   std::set<const void*> exception_objects;
   for (auto& f : futures) {
     try {
@@ -28,7 +29,7 @@ TEST_CASE("a throwing processor fails every job of its batch with the same excep
       exception_objects.insert(&e);
     }
   }
-  CHECK(exception_objects.size() == 1);  // one exception object, shared by the batch
+  CHECK(exception_objects.size() == 1); // one exception object, shared by the batch
 
   // The batcher keeps working.
   auto next = batcher.submit({4, 5});
@@ -57,9 +58,7 @@ TEST_CASE("exceptions of any type reach the caller", "[errors]") {
 }
 
 TEST_CASE("invalid options throw std::invalid_argument naming the field", "[errors]") {
-  auto make = [](Options options) {
-    microbatch::Batcher batcher(doubled, &Job::id, &Result::id, options);
-  };
+  auto make = [](Options options) { microbatch::Batcher batcher(doubled, &Job::id, &Result::id, options); };
   CHECK_THROWS_WITH(make(Options{.max_concurrent_batches = 0}), Catch::Contains("max_concurrent_batches"));
   CHECK_THROWS_AS(make(Options{.max_concurrent_batches = 0}), std::invalid_argument);
   CHECK_THROWS_WITH(make(Options{.max_batch_delay = -1ns}), Catch::Contains("max_batch_delay"));

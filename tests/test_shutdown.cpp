@@ -16,10 +16,13 @@ TEST_CASE("shutdown dispatches queued jobs and returns after they ended", "[shut
   };
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 4, .max_batch_delay = 1h});
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 10; ++id) futures.push_back(batcher.submit({id, 1}));
+  for (std::uint64_t id = 1; id <= 10; ++id)
+    futures.push_back(batcher.submit({id, 1}));
   batcher.shutdown();
-  for (auto& f : futures) REQUIRE(is_ready(f));
-  for (auto& f : futures) CHECK(f.get().value == 2);
+  for (auto& f : futures)
+    REQUIRE(is_ready(f));
+  for (auto& f : futures)
+    CHECK(f.get().value == 2);
   CHECK(log.sizes() == std::vector<std::size_t>{4, 4, 2});
   auto stats = batcher.stats();
   CHECK(stats.batches_full == 2);
@@ -36,7 +39,7 @@ TEST_CASE("submit and execute_job after shutdown throw batcher_closed", "[shutdo
   CHECK_THROWS_AS(batcher.execute_job({1, 1}), microbatch::batcher_closed);
   std::stop_source stop;
   CHECK_THROWS_AS(batcher.execute_job({1, 1}, stop.get_token()), microbatch::batcher_closed);
-  batcher.flush();  // no effect, no hang
+  batcher.flush(); // no effect, no hang
   CHECK(batcher.stats().jobs_submitted == 0);
 }
 
@@ -51,7 +54,7 @@ TEST_CASE("shutdown is idempotent and safe from several threads at once", "[shut
   held.await_entered();
   auto second = batcher.submit({2, 2});
   std::vector<std::thread> closers;
-  std::atomic<int> returned_after_all_ended{0};  // Catch2 assertions are not thread-safe: count here
+  std::atomic<int> returned_after_all_ended{0}; // Catch2 assertions are not thread-safe: count here
   for (int i = 0; i < 4; ++i) {
     closers.emplace_back([&] {
       batcher.shutdown();
@@ -59,7 +62,8 @@ TEST_CASE("shutdown is idempotent and safe from several threads at once", "[shut
     });
   }
   held.open();
-  for (auto& t : closers) t.join();
+  for (auto& t : closers)
+    t.join();
   CHECK(returned_after_all_ended.load() == 4);
   batcher.shutdown();
   CHECK(first.get().value == 2);
@@ -71,9 +75,11 @@ TEST_CASE("the destructor drains, and futures outlive the batcher", "[shutdown]"
   {
     auto batcher = std::make_unique<microbatch::Batcher<Job, Result, decltype(&doubled)>>(
         &doubled, &Job::id, &Result::id, Options{.max_batch_size = 100, .max_batch_delay = 1h});
-    for (std::uint64_t id = 1; id <= 5; ++id) futures.push_back(batcher->submit({id, int(id)}));
+    for (std::uint64_t id = 1; id <= 5; ++id)
+      futures.push_back(batcher->submit({id, int(id)}));
   }
-  for (std::uint64_t id = 1; id <= 5; ++id) CHECK(futures[id - 1].get().value == 2 * int(id));
+  for (std::uint64_t id = 1; id <= 5; ++id)
+    CHECK(futures[id - 1].get().value == 2 * int(id));
 }
 
 TEST_CASE("Shutdown::cancel fails queued jobs with batcher_closed - the running batch finishes", "[shutdown]") {
@@ -87,11 +93,13 @@ TEST_CASE("Shutdown::cancel fails queued jobs with batcher_closed - the running 
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 1h});
   auto a = batcher.submit({1, 1});
   auto b = batcher.submit({2, 2});
-  held.await_entered();  // batch {1, 2} is in the processor
+  held.await_entered(); // batch {1, 2} is in the processor
   std::vector<std::future<Result>> queued;
-  for (std::uint64_t id = 3; id <= 7; ++id) queued.push_back(batcher.submit({id, 1}));  // {3,4}, {5,6} and 7
+  for (std::uint64_t id = 3; id <= 7; ++id)
+    queued.push_back(batcher.submit({id, 1})); // {3,4}, {5,6} and 7
   std::thread closer([&] { batcher.shutdown(microbatch::Shutdown::cancel); });
-  for (auto& f : queued) CHECK_THROWS_AS(f.get(), microbatch::batcher_closed);  // while batch 1 still runs
+  for (auto& f : queued)
+    CHECK_THROWS_AS(f.get(), microbatch::batcher_closed); // while batch 1 still runs
   held.open();
   closer.join();
   CHECK(a.get().value == 2);

@@ -35,7 +35,9 @@ struct StressResult {
   std::uint64_t id;
   std::uint64_t value;
 };
-std::uint64_t expected_value(std::uint64_t payload) { return payload * 3 + 1; }
+std::uint64_t expected_value(std::uint64_t payload) {
+  return payload * 3 + 1;
+}
 
 struct totals {
   std::uint64_t rounds = 0, jobs = 0, values = 0, errors = 0, faults = 0, not_accepted = 0;
@@ -43,7 +45,7 @@ struct totals {
 
 /// The processor: fault plans drawn per batch from a seeded generator (guarded: up to 3 workers).
 class chaos_processor {
- public:
+public:
   explicit chaos_processor(std::uint64_t seed) : random_(seed) {}
 
   std::vector<StressResult> operator()(std::span<StressJob> jobs) {
@@ -56,39 +58,40 @@ class chaos_processor {
       stall_us = std::uniform_int_distribution<std::uint64_t>(0, 300)(random_);
     }
     std::vector<StressResult> results;
-    for (const StressJob& job : jobs) results.push_back({job.id, expected_value(job.payload)});
+    for (const StressJob& job : jobs)
+      results.push_back({job.id, expected_value(job.payload)});
     switch (fault) {
-      case 0:  // throw
+    case 0: // throw
+      faults_.fetch_add(1);
+      throw processor_fault("injected processor failure");
+    case 1: // drop one result
+      if (!results.empty()) {
+        results.erase(results.begin() + std::ptrdiff_t(stray_ids % results.size()));
         faults_.fetch_add(1);
-        throw processor_fault("injected processor failure");
-      case 1:  // drop one result
-        if (!results.empty()) {
-          results.erase(results.begin() + std::ptrdiff_t(stray_ids % results.size()));
-          faults_.fetch_add(1);
-        }
-        break;
-      case 2:  // a second, wrong answer for one job: must be dropped as uncorrelated
-        if (!results.empty()) {
-          results.push_back({results[stray_ids % results.size()].id, 0});
-          injected_uncorrelated_.fetch_add(1);
-          faults_.fetch_add(1);
-        }
-        break;
-      case 3:  // a result for an ID no job in this batch has (stress IDs are < 2^20)
-        results.push_back({(stray_ids | (1ull << 40)), 0});
+      }
+      break;
+    case 2: // a second, wrong answer for one job: must be dropped as uncorrelated
+      if (!results.empty()) {
+        results.push_back({results[stray_ids % results.size()].id, 0});
         injected_uncorrelated_.fetch_add(1);
         faults_.fetch_add(1);
-        break;
-      case 4:  // reorder
-        std::reverse(results.begin(), results.end());
-        faults_.fetch_add(1);
-        break;
-      case 5:  // stall (a slow dependency; not synchronisation)
-        std::this_thread::sleep_for(std::chrono::microseconds(stall_us));
-        faults_.fetch_add(1);
-        break;
-      default:
-        break;
+      }
+      break;
+    case 3: // a result for an ID no job in this batch has (stress IDs are < 2^20)
+      results.push_back({(stray_ids | (1ull << 40)), 0});
+      injected_uncorrelated_.fetch_add(1);
+      faults_.fetch_add(1);
+      break;
+    case 4: // reorder
+      std::reverse(results.begin(), results.end());
+      faults_.fetch_add(1);
+      break;
+    case 5: // stall (a slow dependency; not synchronisation)
+      std::this_thread::sleep_for(std::chrono::microseconds(stall_us));
+      faults_.fetch_add(1);
+      break;
+    default:
+      break;
     }
     return results;
   }
@@ -96,7 +99,7 @@ class chaos_processor {
   std::atomic<std::uint64_t> faults_{0};
   std::atomic<std::uint64_t> injected_uncorrelated_{0};
 
- private:
+private:
   std::mutex mutex_;
   std::mt19937_64 random_;
 };
@@ -105,9 +108,8 @@ using stress_batcher = microbatch::Batcher<StressJob, StressResult, std::referen
 
 /// What one producer saw.
 struct tally {
-  std::uint64_t values = 0, wrong_values = 0, processor_errors = 0, no_result = 0,
-                duplicates = 0, expired = 0, cancelled = 0, closed = 0, rejected = 0, other = 0,
-                unexpected_cancel = 0, unexpected_expiry = 0;
+  std::uint64_t values = 0, wrong_values = 0, processor_errors = 0, no_result = 0, duplicates = 0, expired = 0,
+                cancelled = 0, closed = 0, rejected = 0, other = 0, unexpected_cancel = 0, unexpected_expiry = 0;
 
   void add(const tally& o) {
     values += o.values, wrong_values += o.wrong_values;
@@ -119,8 +121,7 @@ struct tally {
 
 /// Classifies how a job ended (or, for execute_job, why it was not accepted). Returns false once the
 /// batcher is closed.
-template <class Get>
-bool record_end(tally& t, std::uint64_t payload, bool had_deadline, bool had_stop, Get&& get) {
+template <class Get> bool record_end(tally& t, std::uint64_t payload, bool had_deadline, bool had_stop, Get&& get) {
   try {
     const StressResult result = get();
     ++t.values;
@@ -138,10 +139,10 @@ bool record_end(tally& t, std::uint64_t payload, bool had_deadline, bool had_sto
     ++t.cancelled;
     if (!had_stop) ++t.unexpected_cancel;
   } catch (const microbatch::batcher_closed&) {
-    ++t.closed;  // accepted and cancelled by Shutdown::cancel, or refused after shutdown began
+    ++t.closed; // accepted and cancelled by Shutdown::cancel, or refused after shutdown began
     return false;
   } catch (const microbatch::queue_full&) {
-    ++t.rejected;  // execute_job at max_pending_jobs: not accepted
+    ++t.rejected; // execute_job at max_pending_jobs: not accepted
   } catch (...) {
     ++t.other;
   }
@@ -161,17 +162,16 @@ struct detached {
 /// Outcomes delivered on batcher threads (callbacks, resumed coroutines).
 struct shared_tally {
   std::mutex mutex;
-  tally counts;           // guarded by mutex
-  std::atomic<int> outstanding{0};  // accepted (or about to be) and not yet ended
+  tally counts;                    // guarded by mutex
+  std::atomic<int> outstanding{0}; // accepted (or about to be) and not yet ended
 };
 
-template <class B>
-detached await_job(B& batcher, StressJob job, shared_tally& shared) {
+template <class B> detached await_job(B& batcher, StressJob job, shared_tally& shared) {
   try {
     const StressResult result = co_await batcher.async_execute_job(job);
     std::lock_guard lock(shared.mutex);
     record_end(shared.counts, job.payload, false, false, [&] { return result; });
-  } catch (...) {  // classify the job's error (or why it was not accepted) by rethrowing it
+  } catch (...) { // classify the job's error (or why it was not accepted) by rethrowing it
     std::lock_guard lock(shared.mutex);
     record_end(shared.counts, job.payload, false, false, []() -> StressResult { throw; });
   }
@@ -180,7 +180,9 @@ detached await_job(B& batcher, StressJob job, shared_tally& shared) {
 
 totals run_round(std::uint64_t seed, totals& sum) {
   std::mt19937_64 random(seed);
-  auto pick = [&](std::uint64_t lo, std::uint64_t hi) { return std::uniform_int_distribution<std::uint64_t>(lo, hi)(random); };
+  auto pick = [&](std::uint64_t lo, std::uint64_t hi) {
+    return std::uniform_int_distribution<std::uint64_t>(lo, hi)(random);
+  };
 
   Options options;
   options.max_batch_size = pick(0, 24);
@@ -191,7 +193,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   options.overflow = pick(0, 1) == 0 ? microbatch::Overflow::block : microbatch::Overflow::reject;
   const int producers = int(pick(2, 6));
   const int jobs_each = int(pick(50, 400));
-  const std::uint64_t id_space = pick(8, 4096);  // small spaces make duplicate IDs in a batch likely
+  const std::uint64_t id_space = pick(8, 4096); // small spaces make duplicate IDs in a batch likely
   const bool shutdown_early = pick(0, 1) == 0;
   const auto shutdown_mode = pick(0, 1) == 0 ? microbatch::Shutdown::drain : microbatch::Shutdown::cancel;
 
@@ -199,18 +201,21 @@ totals run_round(std::uint64_t seed, totals& sum) {
   stress_batcher batcher(std::ref(processor), &StressJob::id, &StressResult::id, options);
 
   std::mutex stops_mutex;
-  std::vector<std::shared_ptr<std::stop_source>> stops;  // guarded by stops_mutex
+  std::vector<std::shared_ptr<std::stop_source>> stops; // guarded by stops_mutex
   std::atomic<int> producers_done{0};
   std::vector<tally> tallies(static_cast<std::size_t>(producers));
   std::vector<std::uint64_t> producer_seeds;
-  for (int p = 0; p < producers; ++p) producer_seeds.push_back(random());
+  for (int p = 0; p < producers; ++p)
+    producer_seeds.push_back(random());
 
   shared_tally async_outcomes;
   std::vector<std::thread> threads;
   for (int p = 0; p < producers; ++p) {
     threads.emplace_back([&, p] {
       std::mt19937_64 mine(producer_seeds[std::size_t(p)]);
-      auto draw = [&](std::uint64_t lo, std::uint64_t hi) { return std::uniform_int_distribution<std::uint64_t>(lo, hi)(mine); };
+      auto draw = [&](std::uint64_t lo, std::uint64_t hi) {
+        return std::uniform_int_distribution<std::uint64_t>(lo, hi)(mine);
+      };
       tally& t = tallies[std::size_t(p)];
       struct pending_future {
         std::future<StressResult> future;
@@ -233,11 +238,12 @@ totals run_round(std::uint64_t seed, totals& sum) {
           } else if (style == 4) {
             async_outcomes.outstanding.fetch_add(1);
             try {
-              batcher.submit(job, [&async_outcomes, payload = job.payload](microbatch::Outcome<StressResult>&& outcome) {
-                std::lock_guard lock(async_outcomes.mutex);
-                record_end(async_outcomes.counts, payload, false, false, [&] { return outcome.value(); });
-                async_outcomes.outstanding.fetch_sub(1);
-              });
+              batcher.submit(
+                  job, [&async_outcomes, payload = job.payload](microbatch::Outcome<StressResult>&& outcome) {
+                    std::lock_guard lock(async_outcomes.mutex);
+                    record_end(async_outcomes.counts, payload, false, false, [&] { return outcome.value(); });
+                    async_outcomes.outstanding.fetch_sub(1);
+                  });
             } catch (...) {
               async_outcomes.outstanding.fetch_sub(1);
               throw;
@@ -256,7 +262,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
         } catch (const microbatch::queue_full&) {
           ++t.rejected;
         } catch (const microbatch::batcher_closed&) {
-          open = false;  // submit after shutdown began: not accepted
+          open = false; // submit after shutdown began: not accepted
         } catch (const microbatch::deadline_exceeded&) {
           // the deadline was already past at submit: not accepted
         } catch (...) {
@@ -265,7 +271,8 @@ totals run_round(std::uint64_t seed, totals& sum) {
         if (!open) break;
         if (draw(0, 50) == 0) std::this_thread::yield();
       }
-      for (auto& f : futures) record_end(t, f.payload, f.had_deadline, false, [&] { return f.future.get(); });
+      for (auto& f : futures)
+        record_end(t, f.payload, f.had_deadline, false, [&] { return f.future.get(); });
       producers_done.fetch_add(1);
     });
   }
@@ -273,7 +280,9 @@ totals run_round(std::uint64_t seed, totals& sum) {
   // Chaos: flushes, cancellations and (maybe) an early shutdown, while producers run.
   std::thread chaos([&] {
     std::mt19937_64 mine(seed + 1);
-    auto draw = [&](std::uint64_t lo, std::uint64_t hi) { return std::uniform_int_distribution<std::uint64_t>(lo, hi)(mine); };
+    auto draw = [&](std::uint64_t lo, std::uint64_t hi) {
+      return std::uniform_int_distribution<std::uint64_t>(lo, hi)(mine);
+    };
     const std::uint64_t shutdown_after = draw(50, 2000);
     for (std::uint64_t step = 0; producers_done.load() < producers; ++step) {
       const auto action = draw(0, 9);
@@ -287,13 +296,15 @@ totals run_round(std::uint64_t seed, totals& sum) {
     }
   });
 
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   chaos.join();
   batcher.shutdown(shutdown_mode);
 
-  CHECK(async_outcomes.outstanding.load() == 0);  // every callback and coroutine ran before shutdown returned
+  CHECK(async_outcomes.outstanding.load() == 0); // every callback and coroutine ran before shutdown returned
   tally all;
-  for (auto& t : tallies) all.add(t);
+  for (auto& t : tallies)
+    all.add(t);
   all.add(async_outcomes.counts);
   const auto stats = batcher.stats();
   const std::uint64_t injected_uncorrelated = processor.injected_uncorrelated_.load();
@@ -306,9 +317,9 @@ totals run_round(std::uint64_t seed, totals& sum) {
   CHECK(stats.jobs_completed == all.values);
   CHECK(stats.jobs_submitted == stats.jobs_completed + stats.jobs_failed);
   CHECK(stats.jobs_expired == all.expired);
-  CHECK(stats.jobs_cancelled <= all.cancelled);  // the rest were cancelled before they were accepted
+  CHECK(stats.jobs_cancelled <= all.cancelled); // the rest were cancelled before they were accepted
   CHECK(stats.jobs_rejected == all.rejected);
-  CHECK(stats.uncorrelated_results <= injected_uncorrelated);  // only what the processor invented
+  CHECK(stats.uncorrelated_results <= injected_uncorrelated); // only what the processor invented
   // Every accepted job ended exactly once: with a value, or with an error that some caller saw. The
   // accepted jobs that ended with batcher_closed (Shutdown::cancel) are what remains.
   const std::uint64_t seen_errors =
@@ -330,7 +341,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   return round;
 }
 
-}  // namespace
+} // namespace
 
 TEST_CASE("randomized fault injection: every job ends exactly once and the counters add up", "[stress]") {
   const char* seed_env = std::getenv("MICROBATCH_STRESS_SEED");

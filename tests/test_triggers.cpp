@@ -14,8 +14,10 @@ TEST_CASE("a batch is dispatched when it reaches max_batch_size", "[triggers]") 
   };
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 3, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 6; ++id) futures.push_back(batcher.submit({id, int(id)}));
-  for (std::uint64_t id = 1; id <= 6; ++id) CHECK(futures[id - 1].get().value == 2 * int(id));
+  for (std::uint64_t id = 1; id <= 6; ++id)
+    futures.push_back(batcher.submit({id, int(id)}));
+  for (std::uint64_t id = 1; id <= 6; ++id)
+    CHECK(futures[id - 1].get().value == 2 * int(id));
   CHECK(log.sizes() == std::vector<std::size_t>{3, 3});
   auto stats = batcher.stats();
   CHECK(stats.batches == 2);
@@ -32,10 +34,13 @@ TEST_CASE("with size and delay both 0 only flush dispatches", "[triggers]") {
   };
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 0, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 5; ++id) futures.push_back(batcher.submit({id, 1}));
-  for (auto& f : futures) CHECK_FALSE(is_ready(f));
+  for (std::uint64_t id = 1; id <= 5; ++id)
+    futures.push_back(batcher.submit({id, 1}));
+  for (auto& f : futures)
+    CHECK_FALSE(is_ready(f));
   batcher.flush();
-  for (auto& f : futures) CHECK(f.get().value == 2);
+  for (auto& f : futures)
+    CHECK(f.get().value == 2);
   // All five in one batch proves none was dispatched before the flush.
   CHECK(log.sizes() == std::vector<std::size_t>{5});
   CHECK(batcher.stats().batches_flushed == 1);
@@ -53,7 +58,7 @@ TEST_CASE("flush returns once the batch is dispatched - an empty flush does noth
   auto a = batcher.submit({1, 1});
   auto b = batcher.submit({2, 2});
   batcher.flush();
-  CHECK(batcher.stats().batches_flushed == 1);  // dispatched before flush returned
+  CHECK(batcher.stats().batches_flushed == 1); // dispatched before flush returned
   CHECK(a.get().value == 2);
   CHECK(b.get().value == 4);
   batcher.flush();
@@ -68,10 +73,12 @@ TEST_CASE("jobs beyond a full batch start the next batch", "[triggers]") {
   };
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
-  for (std::uint64_t id = 1; id <= 5; ++id) futures.push_back(batcher.submit({id, 1}));
-  futures[3].wait();  // both full batches are done before the flush
+  for (std::uint64_t id = 1; id <= 5; ++id)
+    futures.push_back(batcher.submit({id, 1}));
+  futures[3].wait(); // both full batches are done before the flush
   batcher.flush();
-  for (auto& f : futures) f.get();
+  for (auto& f : futures)
+    f.get();
   CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{1, 2}, {3, 4}, {5}});
   CHECK(batcher.stats().batches_full == 2);
   CHECK(batcher.stats().batches_flushed == 1);
@@ -90,12 +97,12 @@ TEST_CASE("a partial batch is dispatched max_batch_delay after its first job, no
   clock.await_timers(1);
   CHECK(clock.next_timer() == clock.now() + 10ms);
   clock.advance(6ms);
-  auto second = batcher.submit({2, 2});  // joins the running batch; does not restart its timer
+  auto second = batcher.submit({2, 2}); // joins the running batch; does not restart its timer
   clock.await_timers(1);
   CHECK_FALSE(is_ready(first));
   CHECK(clock.next_timer() == clock.now() + 4ms);
   clock.advance(3ms);
-  clock.await_timers(1);  // woke, found 1 ms left, slept again
+  clock.await_timers(1); // woke, found 1 ms left, slept again
   CHECK_FALSE(is_ready(first));
   CHECK(batcher.stats().batches == 0);
   clock.advance(1ms);

@@ -20,9 +20,8 @@
 
 namespace baseline {
 
-template <class Job, class Result, class Processor>
-class Batcher {
- public:
+template <class Job, class Result, class Processor> class Batcher {
+public:
   template <class JobId, class ResultId>
   Batcher(Processor processor, JobId job_id, ResultId result_id, microbatch::Options options = {})
       : processor_(std::move(processor)), options_(options) {
@@ -52,7 +51,8 @@ class Batcher {
       }
     };
     collector_ = std::thread([this] { collect(); });
-    for (std::size_t i = 0; i < options_.max_concurrent_batches; ++i) workers_.emplace_back([this] { work(); });
+    for (std::size_t i = 0; i < options_.max_concurrent_batches; ++i)
+      workers_.emplace_back([this] { work(); });
   }
 
   ~Batcher() { shutdown(); }
@@ -83,10 +83,11 @@ class Batcher {
     }
     collector_cv_.notify_one();
     collector_.join();
-    for (auto& worker : workers_) worker.join();
+    for (auto& worker : workers_)
+      worker.join();
   }
 
- private:
+private:
   struct Item {
     Job job;
     std::promise<Result> promise;
@@ -157,17 +158,17 @@ class Batcher {
 
   std::mutex mutex_;
   std::condition_variable collector_cv_;
-  std::deque<Item> queue_;                               // guarded by mutex_
-  std::chrono::steady_clock::time_point first_arrival_;  // guarded by mutex_
-  bool closed_ = false;                                  // guarded by mutex_
+  std::deque<Item> queue_;                              // guarded by mutex_
+  std::chrono::steady_clock::time_point first_arrival_; // guarded by mutex_
+  bool closed_ = false;                                 // guarded by mutex_
 
   std::mutex ready_mutex_;
   std::condition_variable ready_cv_;
-  std::deque<std::vector<Item>> ready_;  // guarded by ready_mutex_
-  bool no_more_ = false;                 // guarded by ready_mutex_
+  std::deque<std::vector<Item>> ready_; // guarded by ready_mutex_
+  bool no_more_ = false;                // guarded by ready_mutex_
 
   std::thread collector_;
   std::vector<std::thread> workers_;
 };
 
-}  // namespace baseline
+} // namespace baseline

@@ -32,7 +32,7 @@ namespace kv {
 
 /// Every database failure a job can end with: the statement's or the connection's error message.
 class kv_error : public std::runtime_error {
- public:
+public:
   using std::runtime_error::runtime_error;
 };
 
@@ -53,7 +53,7 @@ struct Written {
 
 /// One libpq connection that reconnects before a statement if the last one broke it.
 class connection {
- public:
+public:
   explicit connection(std::string conninfo) : conninfo_(std::move(conninfo)) {}
   connection(const connection&) = delete;
   connection& operator=(const connection&) = delete;
@@ -63,30 +63,31 @@ class connection {
 
   /// Runs `sql` with text parameters; returns the result or throws kv_error with the server's message.
   std::unique_ptr<PGresult, void (*)(PGresult*)> run(const char* sql, const std::vector<const char*>& params,
-                                                       ExecStatusType expected) {
+                                                     ExecStatusType expected) {
     ensure_connected();
-    PGresult* result =
-        PQexecParams(conn_, sql, int(params.size()), nullptr, params.data(), nullptr, nullptr, 0);
+    PGresult* result = PQexecParams(conn_, sql, int(params.size()), nullptr, params.data(), nullptr, nullptr, 0);
     std::unique_ptr<PGresult, void (*)(PGresult*)> owned(result, PQclear);
     if (result == nullptr || PQresultStatus(result) != expected) {
       std::string message = PQerrorMessage(conn_);
-      while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+      while (!message.empty() && (message.back() == '\n' || message.back() == ' '))
+        message.pop_back();
       throw kv_error("postgres: " + (message.empty() ? std::string("statement failed") : message));
     }
     return owned;
   }
 
- private:
+private:
   void ensure_connected() {
     if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK) return;
     if (conn_ != nullptr) {
-      PQreset(conn_);  // the server may be back after a restart
+      PQreset(conn_); // the server may be back after a restart
     } else {
       conn_ = PQconnectdb(conninfo_.c_str());
     }
     if (PQstatus(conn_) != CONNECTION_OK) {
       std::string message = PQerrorMessage(conn_);
-      while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+      while (!message.empty() && (message.back() == '\n' || message.back() == ' '))
+        message.pop_back();
       throw kv_error("postgres: cannot connect: " + message);
     }
   }
@@ -98,7 +99,8 @@ class connection {
 /// Postgres array literals: {1,2,3} and {"a","b \"quoted\""}.
 std::string int_array(const std::vector<std::int64_t>& ids) {
   std::string out = "{";
-  for (std::size_t i = 0; i < ids.size(); ++i) out += (i ? "," : "") + std::to_string(ids[i]);
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    out += (i ? "," : "") + std::to_string(ids[i]);
   return out + "}";
 }
 std::string text_array(const std::vector<const std::string*>& values) {
@@ -121,7 +123,8 @@ struct lookup_processor {
   std::vector<Row> operator()(std::span<Lookup> lookups) const {
     std::vector<std::int64_t> ids;
     ids.reserve(lookups.size());
-    for (const Lookup& lookup : lookups) ids.push_back(lookup.id);
+    for (const Lookup& lookup : lookups)
+      ids.push_back(lookup.id);
     const std::string array = int_array(ids);
     auto result = db->run("SELECT id, value FROM items WHERE id = ANY($1::bigint[])", {array.c_str()}, PGRES_TUPLES_OK);
     std::vector<Row> rows;
@@ -142,10 +145,9 @@ struct write_processor {
       values.push_back(&write.value);
     }
     const std::string id_array = int_array(ids), value_array = text_array(values);
-    auto result = db->run(
-        "INSERT INTO items (id, value) SELECT * FROM unnest($1::bigint[], $2::text[]) "
-        "ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value RETURNING id",
-        {id_array.c_str(), value_array.c_str()}, PGRES_TUPLES_OK);
+    auto result = db->run("INSERT INTO items (id, value) SELECT * FROM unnest($1::bigint[], $2::text[]) "
+                          "ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value RETURNING id",
+                          {id_array.c_str(), value_array.c_str()}, PGRES_TUPLES_OK);
     std::vector<Written> written;
     for (int r = 0; r < PQntuples(result.get()); ++r)
       written.push_back({std::strtoll(PQgetvalue(result.get(), r, 0), nullptr, 10)});
@@ -158,7 +160,7 @@ using write_batcher = microbatch::Batcher<Write, Written, write_processor>;
 
 /// The service: what request handlers call, from any thread.
 class service {
- public:
+public:
   service(const std::string& conninfo, microbatch::Options options)
       : lookups_(lookup_processor{std::make_shared<connection>(conninfo)}, &Lookup::id, &Row::id, options),
         writes_(write_processor{std::make_shared<connection>(conninfo)}, &Write::id, &Written::id, options) {}
@@ -186,14 +188,14 @@ class service {
   std::future<Row> get_async(std::int64_t id) { return lookups_.submit({id}); }
   std::future<Written> put_async(std::int64_t id, std::string value) { return writes_.submit({id, std::move(value)}); }
 
- private:
+private:
   lookup_batcher lookups_;
   write_batcher writes_;
 };
 
 /// The same two requests, one statement each, on the caller's own connection.
 class direct {
- public:
+public:
   explicit direct(const std::string& conninfo) : db_(conninfo) {}
   std::string get(std::int64_t id) {
     const std::string text = std::to_string(id);
@@ -203,20 +205,21 @@ class direct {
   }
   void put(std::int64_t id, const std::string& value) {
     const std::string text = std::to_string(id);
-    db_.run("INSERT INTO items (id, value) VALUES ($1::bigint, $2) ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value",
-            {text.c_str(), value.c_str()}, PGRES_COMMAND_OK);
+    db_.run(
+        "INSERT INTO items (id, value) VALUES ($1::bigint, $2) ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value",
+        {text.c_str(), value.c_str()}, PGRES_COMMAND_OK);
   }
 
- private:
+private:
   connection db_;
 };
 
-}  // namespace kv
+} // namespace kv
 
 namespace {
 
 using clock_type = std::chrono::steady_clock;
-constexpr std::int64_t loaded_rows = 100000;  // the run script loads ids 1..100000
+constexpr std::int64_t loaded_rows = 100000; // the run script loads ids 1..100000
 
 struct measured {
   double requests_per_s = 0, p50_us = 0, p99_us = 0;
@@ -228,8 +231,7 @@ double percentile(std::vector<double>& v, double p) {
 }
 
 // `clients` threads, each doing `requests` requests: 4 lookups for every write, ids spread over the table.
-template <class Client>
-measured run_clients(int clients, int requests, Client make_client) {
+template <class Client> measured run_clients(int clients, int requests, Client make_client) {
   std::vector<std::vector<double>> latencies(static_cast<std::size_t>(clients));
   std::latch start(clients + 1);
   std::atomic<int> failures{0};
@@ -260,10 +262,12 @@ measured run_clients(int clients, int requests, Client make_client) {
   }
   const auto t0 = clock_type::now();
   start.arrive_and_wait();
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   const double elapsed = std::chrono::duration<double>(clock_type::now() - t0).count();
   std::vector<double> all;
-  for (auto& v : latencies) all.insert(all.end(), v.begin(), v.end());
+  for (auto& v : latencies)
+    all.insert(all.end(), v.begin(), v.end());
   if (failures.load() != 0) {
     std::fprintf(stderr, "%d requests failed\n", failures.load());
     std::exit(1);
@@ -276,7 +280,8 @@ int bench(const std::string& conninfo) {
   for (int clients : {1, 8, 64}) {
     const int requests = clients == 1 ? 2000 : clients == 8 ? 1000 : 300;
     const measured one = run_clients(clients, requests, [&] { return std::make_unique<kv::direct>(conninfo); });
-    kv::service shared(conninfo, microbatch::Options{.max_batch_size = 128, .max_batch_delay = std::chrono::microseconds(200)});
+    kv::service shared(conninfo,
+                       microbatch::Options{.max_batch_size = 128, .max_batch_delay = std::chrono::microseconds(200)});
     const measured batched = run_clients(clients, requests, [&] {
       struct borrowed {
         kv::service* s;
@@ -300,8 +305,7 @@ void expect(bool ok, const char* what) {
   if (!ok) ++failures;
 }
 
-template <class F>
-std::string error_of(F&& f) {
+template <class F> std::string error_of(F&& f) {
   try {
     f();
   } catch (const std::exception& e) {
@@ -317,19 +321,22 @@ int check(const std::string& conninfo) {
     kv::service service(conninfo, options);
     expect(service.get(42) == "value 42", "a lookup returns the loaded row");
     std::vector<std::future<kv::Row>> many;
-    for (std::int64_t id = 1; id <= 200; ++id) many.push_back(service.get_async(id));
+    for (std::int64_t id = 1; id <= 200; ++id)
+      many.push_back(service.get_async(id));
     bool all_right = true;
-    for (std::int64_t id = 1; id <= 200; ++id) all_right &= many[std::size_t(id - 1)].get().value == "value " + std::to_string(id);
+    for (std::int64_t id = 1; id <= 200; ++id)
+      all_right &= many[std::size_t(id - 1)].get().value == "value " + std::to_string(id);
     expect(all_right, "200 concurrent lookups each get their own row");
     expect(!error_of([&] { service.get(loaded_rows + 7); }).empty() &&
                error_of([&] { service.get(loaded_rows + 7); }).find("no result") != std::string::npos,
            "a missing row ends its job with no_result");
     service.put(loaded_rows + 1, "fresh \"quoted\" value\\");
-    expect(service.get(loaded_rows + 1) == "fresh \"quoted\" value\\", "a write is read back (quotes and backslash intact)");
+    expect(service.get(loaded_rows + 1) == "fresh \"quoted\" value\\",
+           "a write is read back (quotes and backslash intact)");
     {
       kv::service pairs(conninfo, microbatch::Options{.max_batch_size = 2, .max_batch_delay = 1h});
       auto first = pairs.put_async(5, "first");
-      auto second = pairs.put_async(5, "second");  // a batch of exactly these two writes
+      auto second = pairs.put_async(5, "second"); // a batch of exactly these two writes
       first.get();
       expect(error_of([&] { second.get(); }).find("same ID") != std::string::npos,
              "two writes of one key in a batch: the second fails with duplicate_id");
@@ -353,7 +360,7 @@ int check(const std::string& conninfo) {
     expect(error.find("postgres") != std::string::npos, "server down: the batch fails with the database's error");
     expect(std::system(start) == 0, "the server started again");
     std::string after;
-    for (int attempt = 0; attempt < 3 && after.empty(); ++attempt) {  // the first batch may meet the old socket
+    for (int attempt = 0; attempt < 3 && after.empty(); ++attempt) { // the first batch may meet the old socket
       try {
         after = service.get(7);
       } catch (const std::exception&) {
@@ -367,7 +374,7 @@ int check(const std::string& conninfo) {
   return failures == 0 ? 0 : 1;
 }
 
-}  // namespace
+} // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3 || (std::strcmp(argv[1], "bench") != 0 && std::strcmp(argv[1], "check") != 0)) {

@@ -31,8 +31,8 @@
 #endif
 
 #include "clock.hpp"
-#include "detail/correlation.hpp"
 #include "detail/batch_queue.hpp"
+#include "detail/correlation.hpp"
 #include "detail/inbox.hpp"
 #include "detail/job_node.hpp"
 #include "detail/slot_pool.hpp"
@@ -80,9 +80,8 @@ namespace microbatch {
 /// (its batch could only run on the thread that is waiting for it); do not destroy the batcher from
 /// inside the processor. `shutdown` called from inside the processor begins the shutdown and returns
 /// without waiting (a thread cannot join itself).
-template <class Job, class Result, class Processor>
-class Batcher {
- public:
+template <class Job, class Result, class Processor> class Batcher {
+public:
   using job_type = Job;
   using result_type = Result;
   using time_point = std::chrono::steady_clock::time_point;
@@ -95,7 +94,8 @@ class Batcher {
   Batcher(Processor processor, JobId job_id, ResultId result_id, Options options = {})
       : processor_(std::move(processor)), options_(checked(options)) {
     using correlation = detail::keyed_correlation<Job, Result, JobId, ResultId>;
-    make_runner_ = [job_id = std::move(job_id), result_id = std::move(result_id), this]() -> std::unique_ptr<runner_base> {
+    make_runner_ = [job_id = std::move(job_id), result_id = std::move(result_id),
+                    this]() -> std::unique_ptr<runner_base> {
       return std::make_unique<runner<correlation>>(*this, correlation(job_id, result_id));
     };
     start();
@@ -135,7 +135,7 @@ class Batcher {
     std::future<Result> future = submitted->promise.get_future();
     try {
       reserve_pending_slot(std::stop_token{});
-      enqueue(submitted);  // the batcher owns it from here
+      enqueue(submitted); // the batcher owns it from here
     } catch (...) {
       submitted->discard();
       throw;
@@ -168,16 +168,16 @@ class Batcher {
       reserve_pending_slot(stop);
       enqueue(shared);
     } catch (...) {
-      delete shared;  // never published: no one else holds it
+      delete shared; // never published: no one else holds it
       throw;
     }
     {
       std::stop_callback on_stop(stop, [this, shared] { cancel_job(shared); });
       shared->done.wait();
-    }  // returns only after a concurrently running cancel_job has returned
+    } // returns only after a concurrently running cancel_job has returned
     struct drop_reference {
       detail::shared_waiting_node<Job, Result>* node;
-      ~drop_reference() { node->release(); }  // after the result was moved out or the error rethrown
+      ~drop_reference() { node->release(); } // after the result was moved out or the error rethrown
     } on_exit{shared};
     if (shared->error) std::rethrow_exception(shared->error);
     return std::move(*shared->value);
@@ -190,14 +190,14 @@ class Batcher {
   /// called). No allocation per job once warm, for callables up to 48 bytes (larger ones are moved to
   /// the heap). Thread-safe.
   template <class F>
-    requires std::invocable<std::decay_t<F>&, Outcome<Result>&&>
-  void submit(Job job, F&& on_complete) {
+  requires std::invocable < std::decay_t<F>
+  &, Outcome<Result>&& > void submit(Job job, F&& on_complete) {
     throw_if_closed();
     const auto lease = callback_slots_.acquire();
     detail::callback_node<Job, Result>* node = nullptr;
     try {
       node = ::new (lease.memory) detail::callback_node<Job, Result>(std::move(job), std::forward<F>(on_complete),
-                                                                    callback_home_, lease.memory, lease.pooled);
+                                                                     callback_home_, lease.memory, lease.pooled);
     } catch (...) {
       callback_slots_.release(lease);
       throw;
@@ -214,7 +214,7 @@ class Batcher {
   /// The awaitable of `async_execute_job`. Holds the job's node, so it must be awaited where it was
   /// made: `co_await batcher.async_execute_job(job)`.
   class job_awaiter {
-   public:
+  public:
     job_awaiter(const job_awaiter&) = delete;
     job_awaiter& operator=(const job_awaiter&) = delete;
 
@@ -224,10 +224,10 @@ class Batcher {
       try {
         owner_.throw_if_closed();
         owner_.reserve_pending_slot(std::stop_token{});
-        owner_.enqueue(&node_);  // from here a batcher thread may resume the coroutine at any moment
+        owner_.enqueue(&node_); // from here a batcher thread may resume the coroutine at any moment
       } catch (...) {
         node_.error = std::current_exception();
-        return false;  // not accepted: resume at once; await_resume rethrows
+        return false; // not accepted: resume at once; await_resume rethrows
       }
       return true;
     }
@@ -236,7 +236,7 @@ class Batcher {
       return std::move(*node_.value);
     }
 
-   private:
+  private:
     friend class Batcher;
     job_awaiter(Batcher& owner, Job&& job) : owner_(owner), node_(std::move(job)) {}
     Batcher& owner_;
@@ -283,7 +283,8 @@ class Batcher {
     if (joined_) return;
     begin_shutdown(how);
     collector_.join();
-    for (auto& worker : workers_) worker.join();
+    for (auto& worker : workers_)
+      worker.join();
     if (options_.clock != nullptr) options_.clock->unsubscribe(collector_sleeper_);
     joined_ = true;
   }
@@ -311,7 +312,7 @@ class Batcher {
 
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
- private:
+private:
   using node_type = detail::job_node<Job, Result>;
   using batch = detail::job_list<node_type>;
   enum class failure { other, expired, cancelled };
@@ -323,8 +324,7 @@ class Batcher {
     virtual ~runner_base() = default;
     virtual void run(batch& jobs_to_run) = 0;
   };
-  template <class Correlation>
-  class runner;
+  template <class Correlation> class runner;
 
   struct collector_sleeper final : detail::clock_sleeper {
     Batcher* owner = nullptr;
@@ -344,11 +344,11 @@ class Batcher {
   }
 
   static const void*& detail_current_batcher() noexcept {
-    thread_local const void* current = nullptr;  // the batcher whose thread this is, if any
+    thread_local const void* current = nullptr; // the batcher whose thread this is, if any
     return current;
   }
   static const void*& detail_collector_of_thread() noexcept {
-    thread_local const void* collector_of = nullptr;  // the batcher whose collector this thread is
+    thread_local const void* collector_of = nullptr; // the batcher whose collector this thread is
     return collector_of;
   }
 
@@ -368,7 +368,8 @@ class Batcher {
     } catch (...) {
       begin_shutdown(Shutdown::drain);
       if (collector_.joinable()) collector_.join();
-      for (auto& worker : workers_) worker.join();
+      for (auto& worker : workers_)
+        worker.join();
       if (options_.clock != nullptr) options_.clock->unsubscribe(collector_sleeper_);
       throw;
     }
@@ -405,7 +406,8 @@ class Batcher {
                pending_.load(std::memory_order_seq_cst) < options_.max_pending_jobs;
       });
       if (!woken)
-        throw cancelled("microbatch::Batcher::execute_job: stop was requested while waiting for room (max_pending_jobs)");
+        throw cancelled(
+            "microbatch::Batcher::execute_job: stop was requested while waiting for room (max_pending_jobs)");
     }
   }
 
@@ -421,7 +423,7 @@ class Batcher {
     if (options_.max_pending_jobs == 0) return;
     pending_.fetch_sub(1, std::memory_order_seq_cst);
     if (blocked_submitters_.load(std::memory_order_seq_cst) != 0) {
-      { std::lock_guard lock(backpressure_mutex_); }  // a blocked submitter is either before its check or waiting
+      { std::lock_guard lock(backpressure_mutex_); } // a blocked submitter is either before its check or waiting
       room_available_.notify_all();
     }
   }
@@ -429,7 +431,7 @@ class Batcher {
   /// Hands `job` to the collector (ownership passes on success) or throws batcher_closed. Wakes the
   /// collector only when this job starts a batch, fills it, or has a deadline sooner than its timer.
   void enqueue(node_type* job) {
-    const time_point deadline = job->deadline;  // after the push, the node may already be gone
+    const time_point deadline = job->deadline; // after the push, the node may already be gone
     const auto pushed = inbox_.push(job, [this](node_type* first) { first->arrival = now(); });
     if (pushed == detail::inbox<node_type>::push_result::closed) {
       release_pending_slot();
@@ -438,9 +440,8 @@ class Batcher {
     const std::uint64_t accepted = jobs_accepted_.fetch_add(1, std::memory_order_seq_cst) + 1;
     const bool count_reached = accepted >= wake_at_accepted_.load(std::memory_order_seq_cst) &&
                                wake_at_accepted_.exchange(never, std::memory_order_seq_cst) != never;
-    const bool deadline_sooner =
-        deadline != time_point::max() &&
-        deadline.time_since_epoch().count() < planned_wake_.load(std::memory_order_seq_cst);
+    const bool deadline_sooner = deadline != time_point::max() &&
+                                 deadline.time_since_epoch().count() < planned_wake_.load(std::memory_order_seq_cst);
     if (count_reached || deadline_sooner) wake_collector();
   }
 
@@ -516,9 +517,9 @@ class Batcher {
 #endif
     batch forming;
     time_point batch_start{};
-    std::uint64_t taken = 0;  // jobs moved from the inbox, ever
+    std::uint64_t taken = 0; // jobs moved from the inbox, ever
     std::uint64_t flushes_served = 0;
-    time_point earliest_deadline = time_point::max();  // lower bound over the queued jobs' deadlines
+    time_point earliest_deadline = time_point::max(); // lower bound over the queued jobs' deadlines
     const std::size_t max_size = options_.max_batch_size;
     const auto delay = options_.max_batch_delay;
 
@@ -536,7 +537,7 @@ class Batcher {
 
       while (arrived != nullptr) {
         node_type* job = arrived;
-        arrived = job->next;  // read before dispatch: a worker may end the job at once
+        arrived = job->next; // read before dispatch: a worker may end the job at once
         ++taken;
         if (forming.empty()) batch_start = job->arrival != time_point::min() ? job->arrival : now_time;
         earliest_deadline = std::min(earliest_deadline, job->deadline);
@@ -623,7 +624,8 @@ class Batcher {
       std::lock_guard lock(ready_mutex_);
       ready_.remove_if(leaves, expired);
     }
-    expired.for_each([&](node_type* job) { end_job(job, expired_error(), failure::expired); });  // a cancelled job is only abandoned
+    expired.for_each(
+        [&](node_type* job) { end_job(job, expired_error(), failure::expired); }); // a cancelled job is only abandoned
     return earliest;
   }
 
@@ -664,8 +666,8 @@ class Batcher {
   // Submission side: touched by every submitter, so each hot atomic has its own cache line.
   detail::inbox<node_type> inbox_;
   alignas(64) std::atomic<std::uint64_t> jobs_accepted_{0};
-  alignas(64) std::atomic<std::uint64_t> wake_at_accepted_{1};  // collector: wake me when jobs_accepted_ gets here
-  std::atomic<time_point::rep> planned_wake_{time_point::max().time_since_epoch().count()};  // collector's timer
+  alignas(64) std::atomic<std::uint64_t> wake_at_accepted_{1}; // collector: wake me when jobs_accepted_ gets here
+  std::atomic<time_point::rep> planned_wake_{time_point::max().time_since_epoch().count()}; // collector's timer
   std::atomic<bool> closing_{false};
 
   // Backpressure (only with max_pending_jobs != 0).
@@ -678,18 +680,18 @@ class Batcher {
   std::mutex collector_mutex_;
   std::condition_variable collector_wake_;
   std::condition_variable flush_done_cv_;
-  bool wake_requested_ = false;               // guarded by collector_mutex_
+  bool wake_requested_ = false;                // guarded by collector_mutex_
   std::uint64_t flush_requested_ = 0;          // guarded by collector_mutex_
   std::uint64_t flush_done_ = 0;               // guarded by collector_mutex_
-  std::optional<Shutdown> shutdown_requested_;  // guarded by collector_mutex_
+  std::optional<Shutdown> shutdown_requested_; // guarded by collector_mutex_
   bool collector_exited_ = false;              // guarded by collector_mutex_
   collector_sleeper collector_sleeper_;
 
   // Batches formed and waiting for a worker.
   std::mutex ready_mutex_;
   std::condition_variable ready_cv_;
-  detail::batch_queue<node_type> ready_;  // guarded by ready_mutex_
-  bool no_more_batches_ = false;        // guarded by ready_mutex_
+  detail::batch_queue<node_type> ready_; // guarded by ready_mutex_
+  bool no_more_batches_ = false;         // guarded by ready_mutex_
 
   // Counters (Stats).
   alignas(64) std::atomic<std::uint64_t> jobs_completed_{0};
@@ -714,9 +716,9 @@ class Batcher {
   callback_home callback_home_;
 
   std::mutex shutdown_mutex_;
-  bool joined_ = false;  // guarded by shutdown_mutex_
+  bool joined_ = false; // guarded by shutdown_mutex_
 
-  std::jthread collector_;  // threads last: they start after every other member exists
+  std::jthread collector_; // threads last: they start after every other member exists
   std::vector<std::jthread> workers_;
 };
 
@@ -729,7 +731,7 @@ Batcher(Processor, JobKey Job::*, ResultKey Result::*, Options) -> Batcher<Job, 
 template <class Job, class Result, class Processor>
 template <class Correlation>
 class Batcher<Job, Result, Processor>::runner final : public runner_base {
- public:
+public:
   runner(Batcher& owner, Correlation correlation) : owner_(owner), correlation_(std::move(correlation)) {}
 
   void run(batch& offered) override {
@@ -740,8 +742,8 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
     jobs_.reserve(offered.size);
     for (node_type* next = offered.first; next != nullptr;) {
       node_type* job = next;
-      next = job->next;  // before the job can end
-      if (job->claimed()) {  // cancelled while queued
+      next = job->next;     // before the job can end
+      if (job->claimed()) { // cancelled while queued
         job->abandon();
         continue;
       }
@@ -751,23 +753,23 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
       }
       try {
         jobs_.push_back(std::move(job->job));
-      } catch (...) {  // Job's move constructor threw
+      } catch (...) { // Job's move constructor threw
         owner_.end_job(job, std::current_exception());
         continue;
       }
       std::size_t earlier = detail::no_match;
       try {
         earlier = correlation_.admit(jobs_.back());
-      } catch (...) {  // the job ID extractor threw: only this job fails
+      } catch (...) { // the job ID extractor threw: only this job fails
         jobs_.pop_back();
         owner_.end_job(job, std::current_exception());
         continue;
       }
       if (earlier != detail::no_match) {
         jobs_.pop_back();
-        owner_.end_job(job, std::make_exception_ptr(duplicate_id(
-                                "microbatch: the job " + correlation_.describe(earlier) +
-                                " has the same ID as an earlier job of its batch; it was not processed")));
+        owner_.end_job(job, std::make_exception_ptr(
+                                duplicate_id("microbatch: the job " + correlation_.describe(earlier) +
+                                             " has the same ID as an earlier job of its batch; it was not processed")));
         continue;
       }
       admitted_.push_back(job);
@@ -780,10 +782,11 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
       results = std::invoke(owner_.processor_, std::span<Job>(jobs_));
     } catch (...) {
       failure = std::current_exception();
-    }  // the handler's own reference ends here, before the exception is shared
+    } // the handler's own reference ends here, before the exception is shared
     jobs_.clear();
     if (failure) {
-      for (node_type* job : admitted_) owner_.end_job(job, failure);
+      for (node_type* job : admitted_)
+        owner_.end_job(job, failure);
       detail::release_error(failure);
       return;
     }
@@ -801,19 +804,19 @@ class Batcher<Job, Result, Processor>::runner final : public runner_base {
     }
     for (std::size_t index = 0; index < admitted_.size(); ++index) {
       if (answered_[index]) continue;
-      owner_.end_job(admitted_[index], std::make_exception_ptr(no_result(
-                                           "microbatch: the processor returned no result for the job " +
-                                           correlation_.describe(index))));
+      owner_.end_job(admitted_[index],
+                     std::make_exception_ptr(no_result("microbatch: the processor returned no result for the job " +
+                                                       correlation_.describe(index))));
     }
     if (uncorrelated != 0) owner_.uncorrelated_results_.fetch_add(uncorrelated, std::memory_order_relaxed);
   }
 
- private:
+private:
   Batcher& owner_;
   Correlation correlation_;
-  std::vector<Job> jobs_;       // the span handed to the processor; capacity reused
-  std::vector<node_type*> admitted_;  // admitted_[i] owns jobs_[i]
+  std::vector<Job> jobs_;            // the span handed to the processor; capacity reused
+  std::vector<node_type*> admitted_; // admitted_[i] owns jobs_[i]
   std::vector<bool> answered_;
 };
 
-}  // namespace microbatch
+} // namespace microbatch

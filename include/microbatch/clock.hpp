@@ -17,13 +17,13 @@ namespace detail {
 /// Something that sleeps on a clock: a batcher's collector thread. `wake` must be callable from any
 /// thread and must not call back into the clock.
 class clock_sleeper {
- public:
+public:
   virtual void wake() noexcept = 0;
 
- protected:
+protected:
   ~clock_sleeper() = default;
 };
-}  // namespace detail
+} // namespace detail
 
 /// A time source for a `Batcher` (`Options::clock`). Without one, a batcher uses
 /// `std::chrono::steady_clock` and sleeps with real timeouts. With one, its collector never sleeps on a
@@ -31,7 +31,7 @@ class clock_sleeper {
 /// at `now()` again. Time points are `steady_clock::time_point`s so that deadlines passed to
 /// `submit` mean the same thing with either.
 class clock {
- public:
+public:
   using time_point = std::chrono::steady_clock::time_point;
 
   virtual ~clock() = default;
@@ -58,7 +58,7 @@ class clock {
 /// Starts at `time_point{} + 1h` (so that `now() - delay` never underflows). Must outlive the
 /// batchers that use it. All members are thread-safe.
 class manual_clock final : public clock {
- public:
+public:
   manual_clock() = default;
   manual_clock(const manual_clock&) = delete;
   manual_clock& operator=(const manual_clock&) = delete;
@@ -73,7 +73,8 @@ class manual_clock final : public clock {
     std::lock_guard lock(mutex_);
     now_ns_.fetch_add(step.count(), std::memory_order_acq_rel);
     ++generation_;
-    for (auto& entry : sleepers_) entry.sleeper->wake();
+    for (auto& entry : sleepers_)
+      entry.sleeper->wake();
   }
 
   /// Blocks until at least `count` subscribed batchers have, since the last `advance`, gone to sleep
@@ -122,18 +123,18 @@ class manual_clock final : public clock {
   }
 
   // ---- implementation details follow ----
- private:
+private:
   struct sleeper_entry {
     detail::clock_sleeper* sleeper;
     time_point wake_at;
-    std::uint64_t generation;  // generation_ when the sleeper last went to sleep
+    std::uint64_t generation; // generation_ when the sleeper last went to sleep
   };
 
   std::atomic<std::int64_t> now_ns_{std::chrono::nanoseconds(std::chrono::hours(1)).count()};
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  std::vector<sleeper_entry> sleepers_;    // guarded by mutex_
-  std::uint64_t generation_ = 1;   // guarded by mutex_; counts advance() calls
+  std::vector<sleeper_entry> sleepers_; // guarded by mutex_
+  std::uint64_t generation_ = 1;        // guarded by mutex_; counts advance() calls
 };
 
-}  // namespace microbatch
+} // namespace microbatch

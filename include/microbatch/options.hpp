@@ -8,18 +8,18 @@
 
 namespace microbatch {
 
-class clock;  // clock.hpp
+class clock; // clock.hpp
 
 /// What `submit` does when `Options::max_pending_jobs` jobs are already pending.
 enum class Overflow {
-  block,   ///< wait until a job completes (or shutdown begins, or the caller's stop_token fires)
-  reject,  ///< throw `queue_full` at once
+  block,  ///< wait until a job completes (or shutdown begins, or the caller's stop_token fires)
+  reject, ///< throw `queue_full` at once
 };
 
 /// How `shutdown` treats jobs that are queued but not yet handed to the processor.
 enum class Shutdown {
-  drain,   ///< dispatch them and wait for their results (what `shutdown()` does)
-  cancel,  ///< fail them with `batcher_closed`; batches already in the processor still finish
+  drain,  ///< dispatch them and wait for their results (what `shutdown()` does)
+  cancel, ///< fail them with `batcher_closed`; batches already in the processor still finish
 };
 
 /// How a `Batcher` forms and runs batches. An aggregate: use designated initialisers,
@@ -57,19 +57,19 @@ struct Options {
 /// counters are read one by one, so they may disagree by the jobs in flight at that instant, but
 /// `jobs_completed + jobs_failed <= jobs_submitted` always holds.
 struct Stats {
-  std::uint64_t jobs_submitted = 0;  ///< accepted by submit / execute_job
-  std::uint64_t jobs_completed = 0;  ///< ended with a result
-  std::uint64_t jobs_failed = 0;     ///< ended with an error (any cause, including the three below)
-  std::uint64_t batches = 0;         ///< batches dispatched
-  std::uint64_t batches_full = 0;       ///< ... because they reached max_batch_size
-  std::uint64_t batches_timed_out = 0;  ///< ... because max_batch_delay passed
-  std::uint64_t batches_flushed = 0;    ///< ... by flush() or shutdown()
-  std::uint64_t uncorrelated_results = 0;  ///< results that matched no job of their batch (dropped)
-  std::uint64_t pending_jobs = 0;          ///< submitted and not yet completed, now
-  std::uint64_t jobs_expired = 0;          ///< failed with deadline_exceeded
-  std::uint64_t jobs_cancelled = 0;        ///< failed with cancelled
-  std::uint64_t jobs_rejected = 0;         ///< submits that threw queue_full (never accepted)
-  std::uint64_t callback_errors = 0;       ///< exceptions that escaped submit's on_complete (contained)
+  std::uint64_t jobs_submitted = 0;       ///< accepted by submit / execute_job
+  std::uint64_t jobs_completed = 0;       ///< ended with a result
+  std::uint64_t jobs_failed = 0;          ///< ended with an error (any cause, including the three below)
+  std::uint64_t batches = 0;              ///< batches dispatched
+  std::uint64_t batches_full = 0;         ///< ... because they reached max_batch_size
+  std::uint64_t batches_timed_out = 0;    ///< ... because max_batch_delay passed
+  std::uint64_t batches_flushed = 0;      ///< ... by flush() or shutdown()
+  std::uint64_t uncorrelated_results = 0; ///< results that matched no job of their batch (dropped)
+  std::uint64_t pending_jobs = 0;         ///< submitted and not yet completed, now
+  std::uint64_t jobs_expired = 0;         ///< failed with deadline_exceeded
+  std::uint64_t jobs_cancelled = 0;       ///< failed with cancelled
+  std::uint64_t jobs_rejected = 0;        ///< submits that threw queue_full (never accepted)
+  std::uint64_t callback_errors = 0;      ///< exceptions that escaped submit's on_complete (contained)
 };
 
-}  // namespace microbatch
+} // namespace microbatch

@@ -10,9 +10,8 @@ namespace microbatch {
 
 /// The end of one job: its result, or the error it failed with (see `Batcher`'s numbered errors).
 /// Passed as `Outcome<Result>&&` to the callback of `Batcher::submit(job, on_complete)`.
-template <class Result>
-class Outcome {
- public:
+template <class Result> class Outcome {
+public:
   explicit Outcome(Result&& value) : state_(std::in_place_index<0>, std::move(value)) {}
   explicit Outcome(std::exception_ptr error) : state_(std::in_place_index<1>, std::move(error)) {}
 
@@ -28,8 +27,8 @@ class Outcome {
   /// The job's error, or nullptr when it has a result.
   [[nodiscard]] std::exception_ptr error() const noexcept { return has_value() ? nullptr : std::get<1>(state_); }
 
- private:
+private:
   std::variant<Result, std::exception_ptr> state_;
 };
 
-}  // namespace microbatch
+} // namespace microbatch

@@ -8,8 +8,7 @@ namespace microbatch::detail {
 
 /// A batch: job nodes linked through their `next` member, oldest first. Holds no memory of its own,
 /// so forming, queueing and handing over batches never allocates. Not thread-safe: its owner guards it.
-template <class Node>
-struct job_list {
+template <class Node> struct job_list {
   Node* first = nullptr;
   Node* last = nullptr;
   std::size_t size = 0;
@@ -28,8 +27,7 @@ struct job_list {
   }
 
   /// Unlinks, in order, the nodes for which `remove(node)` is true, appending them to `removed`.
-  template <class Remove>
-  void remove_if(Remove&& remove, job_list& removed) noexcept {
+  template <class Remove> void remove_if(Remove&& remove, job_list& removed) noexcept {
     job_list kept;
     for (Node* node = first; node != nullptr;) {
       Node* next = node->next;
@@ -44,8 +42,7 @@ struct job_list {
   }
 
   /// Calls `visit(node)` on every node, reading each `next` before the visit (which may end the job).
-  template <class Visit>
-  void for_each(Visit&& visit) {
+  template <class Visit> void for_each(Visit&& visit) {
     for (Node* node = first; node != nullptr;) {
       Node* next = node->next;
       visit(node);
@@ -57,9 +54,8 @@ struct job_list {
 /// The formed batches waiting for a worker, first in first out. Each batch is a job_list; the queue
 /// links them through `Node::next_batch` and keeps the batch's `last` and `size` in its first node
 /// (`batch_last`, `batch_size`), so it needs no memory of its own. Not thread-safe: its owner guards it.
-template <class Node>
-class batch_queue {
- public:
+template <class Node> class batch_queue {
+public:
   [[nodiscard]] bool empty() const noexcept { return head_ == nullptr; }
 
   void push(job_list<Node> batch) noexcept {
@@ -83,8 +79,7 @@ class batch_queue {
   }
 
   /// Applies `job_list::remove_if` to every batch; batches left empty leave the queue.
-  template <class Remove>
-  void remove_if(Remove&& remove, job_list<Node>& removed) noexcept {
+  template <class Remove> void remove_if(Remove&& remove, job_list<Node>& removed) noexcept {
     Node** link = &head_;
     Node* previous_first = nullptr;
     while (*link != nullptr) {
@@ -106,9 +101,9 @@ class batch_queue {
     tail_ = previous_first;
   }
 
- private:
+private:
   Node* head_ = nullptr;
-  Node* tail_ = nullptr;  // first node of the newest batch
+  Node* tail_ = nullptr; // first node of the newest batch
 };
 
-}  // namespace microbatch::detail
+} // namespace microbatch::detail

@@ -5,7 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
-#include <thread>  // IWYU pragma: keep (non-Linux fallback)
+#include <thread> // IWYU pragma: keep (non-Linux fallback)
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -24,13 +24,12 @@ namespace microbatch::detail {
 ///
 /// One thread calls `wait`, one other thread calls `signal`, once.
 class completion_flag {
- public:
+public:
   /// Marks done and wakes the waiter. After it returns the flag may be gone. Never blocks.
   void signal() noexcept {
 #if defined(__linux__)
     if (state_.exchange(done, std::memory_order_acq_rel) == sleeping) {
-      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&state_), FUTEX_WAKE_PRIVATE, 1, nullptr,
-                nullptr, 0);
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&state_), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
     }
 #else
     state_.store(signalling, std::memory_order_release);
@@ -47,28 +46,31 @@ class completion_flag {
     for (;;) {
       std::uint32_t seen = awake;
       if (state_.compare_exchange_strong(seen, sleeping, std::memory_order_acq_rel) || seen == sleeping) {
-        ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&state_), FUTEX_WAIT_PRIVATE, sleeping,
-                  nullptr, nullptr, 0);
+        ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&state_), FUTEX_WAIT_PRIVATE, sleeping, nullptr, nullptr,
+                  0);
       }
       if (state_.load(std::memory_order_acquire) == done) return;
     }
 #else
     state_.wait(awake, std::memory_order_acquire);
-    while (state_.load(std::memory_order_acquire) != done) std::this_thread::yield();
+    while (state_.load(std::memory_order_acquire) != done)
+      std::this_thread::yield();
 #endif
   }
 
   /// True once `signal` was called (and, off Linux, has finished). Never blocks.
-  [[nodiscard]] bool is_done() const noexcept { return state_.load(std::memory_order_acquire) == done; }
+  [[nodiscard]] bool is_done() const noexcept {
+    return state_.load(std::memory_order_acquire) == done;
+  }
 
- private:
-  static constexpr std::uint32_t awake = 0;       // not done; the waiter is not asleep
-  static constexpr std::uint32_t sleeping = 1;    // not done; the waiter is (about to be) in futex wait
+private:
+  static constexpr std::uint32_t awake = 0;    // not done; the waiter is not asleep
+  static constexpr std::uint32_t sleeping = 1; // not done; the waiter is (about to be) in futex wait
   static constexpr std::uint32_t done = 2;
-  [[maybe_unused]] static constexpr std::uint32_t signalling = 3;  // non-Linux: notify in progress
+  [[maybe_unused]] static constexpr std::uint32_t signalling = 3; // non-Linux: notify in progress
 
   std::atomic<std::uint32_t> state_{awake};
   static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
 };
 
-}  // namespace microbatch::detail
+} // namespace microbatch::detail

@@ -32,25 +32,22 @@ inline constexpr std::size_t no_match = std::numeric_limits<std::size_t>::max();
 /// Result i answers admitted job i.
 struct positional_correlation {
   void begin(std::size_t) noexcept {}
-  template <class Job>
-  std::size_t admit(const Job&) noexcept {
-    return no_match;
-  }
-  template <class Result>
-  std::size_t match(const Result&, std::size_t position, std::size_t admitted) const noexcept {
+  template <class Job> std::size_t admit(const Job&) noexcept { return no_match; }
+  template <class Result> std::size_t match(const Result&, std::size_t position, std::size_t admitted) const noexcept {
     return position < admitted ? position : no_match;
   }
   std::string describe(std::size_t index) const { return "at position " + std::to_string(index); }
 };
 
 template <class T>
-concept printable = requires(std::ostream& out, const T& value) { out << value; };
+concept printable = requires(std::ostream& out, const T& value) {
+  out << value;
+};
 
 /// Jobs and results carry IDs; a per-batch open-addressing table (reused from batch to batch, so no
 /// allocation in steady state) maps an ID to the index of the admitted job that has it.
-template <class Job, class Result, class JobId, class ResultId>
-class keyed_correlation {
- public:
+template <class Job, class Result, class JobId, class ResultId> class keyed_correlation {
+public:
   using key_type = std::common_type_t<std::decay_t<std::invoke_result_t<const JobId&, const Job&>>,
                                       std::decay_t<std::invoke_result_t<const ResultId&, const Result&>>>;
   static_assert(std::equality_comparable<key_type>, "microbatch: correlation IDs must be equality-comparable");
@@ -63,8 +60,10 @@ class keyed_correlation {
     keys_.clear();
     keys_.reserve(capacity);
     std::size_t slots = std::bit_ceil(capacity * 2 + 2);
-    if (slots_.size() < slots || slots_.size() > 8 * slots) slots_.assign(slots, 0);
-    else std::fill(slots_.begin(), slots_.end(), 0);
+    if (slots_.size() < slots || slots_.size() > 8 * slots)
+      slots_.assign(slots, 0);
+    else
+      std::fill(slots_.begin(), slots_.end(), 0);
     mask_ = slots_.size() - 1;
     shift_ = 64 - std::countr_zero(slots_.size());
   }
@@ -73,7 +72,8 @@ class keyed_correlation {
     key_type key = std::invoke(job_id_, job);
     if (const std::size_t earlier = find(key); earlier != no_match) return earlier;
     std::size_t slot = home(key);
-    while (slots_[slot] != 0) slot = (slot + 1) & mask_;
+    while (slots_[slot] != 0)
+      slot = (slot + 1) & mask_;
     keys_.push_back(std::move(key));
     slots_[slot] = static_cast<std::uint32_t>(keys_.size());
     return no_match;
@@ -82,7 +82,7 @@ class keyed_correlation {
   std::size_t match(const Result& result, std::size_t, std::size_t) const noexcept {
     try {
       return find(std::invoke(result_id_, result));
-    } catch (...) {  // a result whose ID cannot be read (or hashed) answers no job
+    } catch (...) { // a result whose ID cannot be read (or hashed) answers no job
       return no_match;
     }
   }
@@ -97,7 +97,7 @@ class keyed_correlation {
     }
   }
 
- private:
+private:
   std::size_t find(const key_type& key) const {
     for (std::size_t slot = home(key); slots_[slot] != 0; slot = (slot + 1) & mask_) {
       if (keys_[slots_[slot] - 1] == key) return slots_[slot] - 1;
@@ -114,10 +114,10 @@ class keyed_correlation {
 
   JobId job_id_;
   ResultId result_id_;
-  std::vector<key_type> keys_;         // keys of the admitted jobs, by index
-  std::vector<std::uint32_t> slots_;   // 0 = empty, else index + 1 into keys_
+  std::vector<key_type> keys_;       // keys of the admitted jobs, by index
+  std::vector<std::uint32_t> slots_; // 0 = empty, else index + 1 into keys_
   std::size_t mask_ = 0;
   int shift_ = 63;
 };
 
-}  // namespace microbatch::detail
+} // namespace microbatch::detail

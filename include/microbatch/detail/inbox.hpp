@@ -12,15 +12,13 @@ namespace microbatch::detail {
 /// reverses it into arrival order. Because the consumer only ever takes the whole list, there is no ABA
 /// problem. `close` makes every later push fail, which is how shutdown stops accepting jobs without a
 /// lock and without losing a job that raced with it.
-template <class Node>
-class inbox {
- public:
+template <class Node> class inbox {
+public:
   enum class push_result { first, appended, closed };
 
   /// Publishes `node` unless the inbox is closed. `on_first` runs (before publishing) when the node
   /// will be the first in an empty inbox; the batcher uses it to stamp the arrival time. Thread-safe.
-  template <class OnFirst>
-  push_result push(Node* node, OnFirst&& on_first) noexcept {
+  template <class OnFirst> push_result push(Node* node, OnFirst&& on_first) noexcept {
     Node* head = head_.load(std::memory_order_relaxed);
     bool stamped = false;
     do {
@@ -47,7 +45,7 @@ class inbox {
     return head == closed_marker() ? nullptr : reversed(head);
   }
 
- private:
+private:
   static Node* closed_marker() noexcept { return reinterpret_cast<Node*>(std::uintptr_t{1}); }
 
   static Node* reversed(Node* head) noexcept {
@@ -64,4 +62,4 @@ class inbox {
   alignas(64) std::atomic<Node*> head_{nullptr};
 };
 
-}  // namespace microbatch::detail
+} // namespace microbatch::detail

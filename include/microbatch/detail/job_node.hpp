@@ -4,8 +4,8 @@
 
 #include <atomic>
 #include <chrono>
-#include <exception>
 #include <cstddef>
+#include <exception>
 #include <future>
 #include <memory>
 #include <new>
@@ -27,25 +27,26 @@ using time_point = std::chrono::steady_clock::time_point;
 /// ThreadSanitizer does not instrument, so it cannot see that the last owner frees the object only after
 /// every other owner is done with it. Releasing through this named, never-inlined function lets
 /// tests/tsan.supp suppress exactly that false report and nothing else of ours.
-[[gnu::noinline]] inline void release_error(std::exception_ptr& error) noexcept { error = nullptr; }
+[[gnu::noinline]] inline void release_error(std::exception_ptr& error) noexcept {
+  error = nullptr;
+}
 
 /// One submitted job. Ownership: the submitting call creates it; from a successful push into the inbox
 /// until `finish` or `abandon`, the batcher holds it (collector, then ready queue, then one worker).
 /// A node ends exactly once: whoever wins `try_claim` decides the outcome. Only a cancellation (the
 /// caller's stop_token) races with the batcher for that; everything else happens on the one batcher
 /// thread that holds the node at the time.
-template <class Job, class Result>
-class job_node {
- public:
+template <class Job, class Result> class job_node {
+public:
   explicit job_node(Job&& submitted) : job(std::move(submitted)) {}
   job_node(const job_node&) = delete;
   job_node& operator=(const job_node&) = delete;
 
-  job_node* next = nullptr;             // inbox link, then batch link (detail::job_list)
-  job_node* next_batch = nullptr;       // detail::batch_queue, in a queued batch's first node only
-  job_node* batch_last = nullptr;       // ditto
-  std::size_t batch_size = 0;           // ditto
-  time_point arrival = time_point::min();  // set when this job was the first into an empty inbox
+  job_node* next = nullptr;               // inbox link, then batch link (detail::job_list)
+  job_node* next_batch = nullptr;         // detail::batch_queue, in a queued batch's first node only
+  job_node* batch_last = nullptr;         // ditto
+  std::size_t batch_size = 0;             // ditto
+  time_point arrival = time_point::min(); // set when this job was the first into an empty inbox
   time_point deadline = time_point::max();
   Job job;
 
@@ -61,10 +62,10 @@ class job_node {
   /// Drops the batcher's hold on a node that someone else claimed. Afterwards it may be gone.
   virtual void abandon() noexcept {}
 
- protected:
-  ~job_node() = default;  // never deleted through the base
+protected:
+  ~job_node() = default; // never deleted through the base
 
- private:
+private:
   std::atomic<bool> claimed_{false};
 };
 
@@ -74,19 +75,17 @@ class job_node {
 /// the caller's future may keep long after) has given its memory back: a reference count of one for
 /// the node plus one per live arena allocation. Allocations that do not fit (an unusually large
 /// `Result`, another standard library's larger state) fall back to the heap.
-template <class Job, class Result>
-class promise_node final : public job_node<Job, Result> {
+template <class Job, class Result> class promise_node final : public job_node<Job, Result> {
   struct block;
 
- public:
-  template <class T>
-  struct arena_allocator {
+public:
+  template <class T> struct arena_allocator {
     using value_type = T;
     block* home;
 
     explicit arena_allocator(block* b) noexcept : home(b) {}
     template <class U>
-    arena_allocator(const arena_allocator<U>& other) noexcept : home(other.home) {}  // NOLINT: rebinding
+    arena_allocator(const arena_allocator<U>& other) noexcept : home(other.home) {} // NOLINT: rebinding
 
     T* allocate(std::size_t n) {
       if (void* p = home->bump(n * sizeof(T), alignof(T))) return static_cast<T*>(p);
@@ -99,10 +98,7 @@ class promise_node final : public job_node<Job, Result> {
         std::allocator<T>{}.deallocate(p, n);
       }
     }
-    template <class U>
-    bool operator==(const arena_allocator<U>& other) const noexcept {
-      return home == other.home;
-    }
+    template <class U> bool operator==(const arena_allocator<U>& other) const noexcept { return home == other.home; }
   };
 
   /// A new node holding `job`, with its promise ready. Thread-safe.
@@ -125,7 +121,7 @@ class promise_node final : public job_node<Job, Result> {
   void finish(Result&& value) noexcept override {
     try {
       promise.set_value(std::move(value));
-    } catch (...) {  // Result's move constructor threw
+    } catch (...) { // Result's move constructor threw
       promise.set_exception(std::current_exception());
     }
     destroy();
@@ -135,7 +131,7 @@ class promise_node final : public job_node<Job, Result> {
     destroy();
   }
 
- private:
+private:
   // libstdc++ 12 asks for 56 bytes (the shared state with its control block), then 32 + sizeof(Result)
   // rounded up to 8 (the result holder, which keeps a copy of this allocator). Other libraries may ask
   // for more: what does not fit comes from the heap (test_allocations checks the count here).
@@ -143,21 +139,21 @@ class promise_node final : public job_node<Job, Result> {
       88 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? alignof(Result) : 0);
 
   promise_node(Job&& submitted, block* home)
-      : job_node<Job, Result>(std::move(submitted)), promise(std::allocator_arg, arena_allocator<char>(home)), home_(home) {}
+      : job_node<Job, Result>(std::move(submitted)), promise(std::allocator_arg, arena_allocator<char>(home)),
+        home_(home) {}
 
   void destroy() noexcept {
     block* home = home_;
-    this->~promise_node();  // drops the promise's hold on the shared state
+    this->~promise_node(); // drops the promise's hold on the shared state
     home->release();
   }
 
   block* home_;
 };
 
-template <class Job, class Result>
-struct promise_node<Job, Result>::block {
-  std::atomic<std::size_t> references{1};  // the node, plus one per live arena allocation
-  std::size_t used = 0;                    // bump offset into arena; only the promise's constructor allocates
+template <class Job, class Result> struct promise_node<Job, Result>::block {
+  std::atomic<std::size_t> references{1}; // the node, plus one per live arena allocation
+  std::size_t used = 0;                   // bump offset into arena; only the promise's constructor allocates
   alignas(promise_node) unsigned char node_storage[sizeof(promise_node)];
   alignas(std::max_align_t) unsigned char arena[arena_bytes];
 
@@ -171,7 +167,7 @@ struct promise_node<Job, Result>::block {
   }
   bool owns(const void* p) const noexcept {
     auto* byte = static_cast<const unsigned char*>(p);
-    return byte >= arena && byte < arena + arena_bytes;  // NOLINT: pointers into one array
+    return byte >= arena && byte < arena + arena_bytes; // NOLINT: pointers into one array
   }
   void release() noexcept {
     if (references.fetch_sub(1, std::memory_order_acq_rel) == 1) {
@@ -182,9 +178,8 @@ struct promise_node<Job, Result>::block {
 };
 
 /// `execute_job(job)`: lives on the caller's stack; the caller waits on `done` and owns it throughout.
-template <class Job, class Result>
-class waiting_node final : public job_node<Job, Result> {
- public:
+template <class Job, class Result> class waiting_node final : public job_node<Job, Result> {
+public:
   using job_node<Job, Result>::job_node;
   std::optional<Result> value;
   std::exception_ptr error;
@@ -196,7 +191,7 @@ class waiting_node final : public job_node<Job, Result> {
     } catch (...) {
       error = std::current_exception();
     }
-    done.signal();  // last touch: the caller may return at once
+    done.signal(); // last touch: the caller may return at once
   }
   void finish(std::exception_ptr failure) noexcept override {
     error = std::move(failure);
@@ -212,9 +207,8 @@ class waiting_node final : public job_node<Job, Result> {
 /// `execute_job(job, stop_token)`: shared by the caller and the batcher (two references), because a
 /// cancelled caller returns while the batcher may still hold the node. The caller's stop callback
 /// delivers `cancelled` through `deliver` without dropping the batcher's reference.
-template <class Job, class Result>
-class shared_waiting_node final : public job_node<Job, Result> {
- public:
+template <class Job, class Result> class shared_waiting_node final : public job_node<Job, Result> {
+public:
   using job_node<Job, Result>::job_node;
   std::optional<Result> value;
   std::exception_ptr error;
@@ -244,23 +238,22 @@ class shared_waiting_node final : public job_node<Job, Result> {
     if (references_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
- private:
+private:
   std::atomic<int> references_{2};
 };
 
 /// `submit(job, on_complete)`: lives in a slot of the batcher's slot_pool (no allocation per job once
 /// the pool has grown), owns the callable (inline up to `inline_bytes`, else on the heap) and calls it
 /// exactly once with the job's Outcome, then destroys itself and gives its slot back.
-template <class Job, class Result>
-class callback_node final : public job_node<Job, Result> {
- public:
+template <class Job, class Result> class callback_node final : public job_node<Job, Result> {
+public:
   /// The batcher's side: counts callbacks that threw, takes slots back. Must outlive every node.
   class home {
-   public:
+  public:
     virtual void callback_threw() noexcept = 0;
     virtual void recycle(void* memory, bool pooled) noexcept = 0;
 
-   protected:
+  protected:
     ~home() = default;
   };
 
@@ -278,13 +271,15 @@ class callback_node final : public job_node<Job, Result> {
       callable_ = new Callable(std::forward<F>(on_complete));
       destroy_ = [](void* callable) noexcept { delete static_cast<Callable*>(callable); };
     }
-    invoke_ = [](void* callable, Outcome<Result>&& outcome) { (*static_cast<Callable*>(callable))(std::move(outcome)); };
+    invoke_ = [](void* callable, Outcome<Result>&& outcome) {
+      (*static_cast<Callable*>(callable))(std::move(outcome));
+    };
   }
 
   void finish(Result&& value) noexcept override {
     try {
       call_back(Outcome<Result>(std::move(value)));
-    } catch (...) {  // Result's move constructor threw while building the Outcome
+    } catch (...) { // Result's move constructor threw while building the Outcome
       call_back(Outcome<Result>(std::current_exception()));
     }
   }
@@ -293,7 +288,7 @@ class callback_node final : public job_node<Job, Result> {
   /// Ends a node that was never handed to the batcher (submit threw): no call back.
   void discard() noexcept { destroy(); }
 
- private:
+private:
   void call_back(Outcome<Result>&& outcome) noexcept {
     try {
       invoke_(callable_, std::move(outcome));
@@ -324,9 +319,8 @@ class callback_node final : public job_node<Job, Result> {
 /// `co_await async_execute_job(job)`: lives in the awaiting coroutine's frame (inside the awaiter).
 /// Finishing stores the outcome and resumes the coroutine on the finishing batcher thread; that is its
 /// last touch, because the coroutine may then destroy the frame.
-template <class Job, class Result>
-class coroutine_node final : public job_node<Job, Result> {
- public:
+template <class Job, class Result> class coroutine_node final : public job_node<Job, Result> {
+public:
   using job_node<Job, Result>::job_node;
   std::optional<Result> value;
   std::exception_ptr error;
@@ -348,4 +342,4 @@ class coroutine_node final : public job_node<Job, Result> {
   }
 };
 
-}  // namespace microbatch::detail
+} // namespace microbatch::detail

@@ -18,16 +18,16 @@ namespace microbatch::detail {
 /// thread has just taken is harmless (the tag makes that compare-exchange fail). Allocates only when
 /// it grows (one slab of `slab_slots` at a time, under a mutex); past `max_slabs` slabs it falls back
 /// to plain operator new. All members thread-safe; the destructor requires every slot returned.
-template <std::size_t Size, std::size_t Align>
-class slot_pool {
+template <std::size_t Size, std::size_t Align> class slot_pool {
   struct slot;
 
- public:
+public:
   slot_pool() = default;
   slot_pool(const slot_pool&) = delete;
   slot_pool& operator=(const slot_pool&) = delete;
   ~slot_pool() {
-    for (auto& slab : slabs_) delete[] slab.load(std::memory_order_relaxed);
+    for (auto& slab : slabs_)
+      delete[] slab.load(std::memory_order_relaxed);
   }
 
   /// Memory for one object of up to Size bytes; `pooled` says whether to give it back to the pool.
@@ -50,14 +50,14 @@ class slot_pool {
 
   void release(lease given) noexcept {
     if (!given.pooled) {
-      ::operator delete(given.memory, std::align_val_t{Align});
+      ::operator delete (given.memory, std::align_val_t{Align});
       return;
     }
     // The bytes are the slot's first member: the slot starts where they do.
     push(reinterpret_cast<slot*>(given.memory));
   }
 
- private:
+private:
   void push(slot* returned) noexcept {
     std::uint64_t head = head_.load(std::memory_order_relaxed);
     std::uint64_t next;
@@ -70,9 +70,9 @@ class slot_pool {
   static constexpr std::size_t slab_slots = 256;
   static constexpr std::size_t max_slabs = 4096;
 
-  struct slot {  // standard layout: `bytes` first, so a slot starts where its bytes do
+  struct slot { // standard layout: `bytes` first, so a slot starts where its bytes do
     alignas(Align) unsigned char bytes[Size];
-    std::atomic<std::uint32_t> next_free{0};  // index + 1 of the next free slot, 0 = none
+    std::atomic<std::uint32_t> next_free{0}; // index + 1 of the next free slot, 0 = none
     std::uint32_t index = 0;
   };
 
@@ -87,12 +87,14 @@ class slot_pool {
   lease grow() {
     std::lock_guard lock(grow_mutex_);
     const std::size_t count = slab_count_.load(std::memory_order_relaxed);
-    if (count == max_slabs) return {::operator new(Size, std::align_val_t{Align}), false};
+    if (count == max_slabs) return {::operator new (Size, std::align_val_t{Align}), false};
     auto* slab = new slot[slab_slots];
-    for (std::size_t i = 0; i < slab_slots; ++i) slab[i].index = static_cast<std::uint32_t>(count * slab_slots + i);
+    for (std::size_t i = 0; i < slab_slots; ++i)
+      slab[i].index = static_cast<std::uint32_t>(count * slab_slots + i);
     slabs_[count].store(slab, std::memory_order_release);
     slab_count_.store(count + 1, std::memory_order_release);
-    for (std::size_t i = 1; i < slab_slots; ++i) push(&slab[i]);
+    for (std::size_t i = 1; i < slab_slots; ++i)
+      push(&slab[i]);
     return {slab[0].bytes, true};
   }
 
@@ -102,4 +104,4 @@ class slot_pool {
   std::array<std::atomic<slot*>, max_slabs> slabs_{};
 };
 
-}  // namespace microbatch::detail
+} // namespace microbatch::detail
