@@ -5,7 +5,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <coroutine>
 #include <cstdint>
+#include <exception>
 #include <future>
 #include <mutex>
 #include <semaphore>
@@ -85,6 +87,33 @@ private:
   std::counting_semaphore<> entered_{0};
   std::promise<void> open_promise_;
   std::shared_future<void> opened_ = open_promise_.get_future().share();
+};
+
+/// A processor that records each batch in `log`, then answers like `doubled`.
+inline auto logged(batch_log& log) {
+  return [&log](std::span<Job> jobs) {
+    log.record(jobs);
+    return doubled(jobs);
+  };
+}
+
+/// A processor that waits at `held` inside every batch, then answers like `doubled`.
+inline auto gated(gate& held) {
+  return [&held](std::span<Job> jobs) {
+    held.enter();
+    return doubled(jobs);
+  };
+}
+
+/// The smallest coroutine type: starts at once, runs to its end, frees its own frame.
+struct detached {
+  struct promise_type {
+    detached get_return_object() noexcept { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::terminate(); }
+  };
 };
 
 template <class T> bool is_ready(const std::future<T>& future) {

@@ -151,15 +151,6 @@ TEST_CASE("submit with a small callback allocates nothing per job once warm", "[
 }
 
 namespace {
-struct detached {
-  struct promise_type {
-    detached get_return_object() noexcept { return {}; }
-    std::suspend_never initial_suspend() noexcept { return {}; }
-    std::suspend_never final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept { std::terminate(); }
-  };
-};
 
 template <class B>
 detached ask_in_a_loop(B& batcher, int count, std::uint64_t& allocations_in_loop, std::promise<void>& done) {

@@ -9,10 +9,7 @@ using microbatch::Overflow;
 
 TEST_CASE("Overflow::reject throws queue_full at max_pending_jobs and counts it", "[backpressure]") {
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id,
                               Options{.max_batch_size = 1, .max_pending_jobs = 2, .overflow = Overflow::reject});
   auto a = batcher.submit({1, 1});
@@ -32,10 +29,7 @@ TEST_CASE("Overflow::reject throws queue_full at max_pending_jobs and counts it"
 
 TEST_CASE("Overflow::block waits until a job completes", "[backpressure]") {
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1, .max_pending_jobs = 1});
   auto a = batcher.submit({1, 1});
   held.await_entered();
@@ -68,10 +62,7 @@ TEST_CASE("a job counts as completed before its future becomes ready", "[backpre
 
 TEST_CASE("a submit blocked by backpressure is released by its stop_token with cancelled", "[backpressure]") {
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1, .max_pending_jobs = 1});
   auto a = batcher.submit({1, 1});
   held.await_entered();

@@ -82,10 +82,7 @@ TEST_CASE("large callables, shutdown drains callbacks, submit after shutdown nev
 
 TEST_CASE("Shutdown::cancel calls back queued jobs with batcher_closed", "[callbacks]") {
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1});
   auto first = batcher.submit({1, 1});
   held.await_entered();

@@ -57,10 +57,7 @@ TEST_CASE("max_concurrent_batches batches are processed at once", "[concurrency]
 TEST_CASE("a busy processor does not stop the collector from forming and timing batches", "[concurrency][clock]") {
   microbatch::manual_clock clock;
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id,
                               Options{.max_batch_size = 100, .max_batch_delay = 10ms, .clock = &clock});
   auto a = batcher.submit({1, 1});

@@ -10,16 +10,6 @@ using namespace test;
 using microbatch::Options;
 
 namespace {
-// The smallest coroutine type: starts at once, runs to the end, frees itself.
-struct detached {
-  struct promise_type {
-    detached get_return_object() noexcept { return {}; }
-    std::suspend_never initial_suspend() noexcept { return {}; }
-    std::suspend_never final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept { std::terminate(); }
-  };
-};
 
 template <class B> detached ask(B& batcher, Job job, std::promise<Result>& answer, std::thread::id& resumed_on) {
   try {

@@ -86,10 +86,7 @@ TEST_CASE("positional mode: missing tail results fail with no_result, extra resu
 
 TEST_CASE("a later job with an earlier job's ID fails with duplicate_id and is not processed", "[correlation]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, three_per_batch);
   auto first = batcher.submit({5, 1});
   auto other = batcher.submit({6, 2});

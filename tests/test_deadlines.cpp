@@ -40,10 +40,7 @@ TEST_CASE("a job whose deadline passes while queued behind a busy processor fail
 TEST_CASE("a deadline in the forming batch fails the job without dispatching it", "[deadlines][clock]") {
   microbatch::manual_clock clock;
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id,
                               Options{.max_batch_size = 10, .max_batch_delay = 20ms, .clock = &clock});
   auto keeps = batcher.submit({1, 1});
@@ -64,10 +61,7 @@ TEST_CASE("a deadline already past at submit throws deadline_exceeded", "[deadli
 
 TEST_CASE("cancelling a queued job: it leaves the queue and execute_job throws cancelled", "[deadlines][cancel]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 0, .max_batch_delay = 0s});
   std::stop_source stop;
   auto caller = std::async(std::launch::async, [&] { return batcher.execute_job({1, 1}, stop.get_token()); });
@@ -87,10 +81,7 @@ TEST_CASE("cancelling a queued job: it leaves the queue and execute_job throws c
 
 TEST_CASE("cancelling a job in the processor returns at once - its result is discarded", "[deadlines][cancel]") {
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1});
   std::stop_source stop;
   auto caller = std::async(std::launch::async, [&] { return batcher.execute_job({1, 1}, stop.get_token()); });

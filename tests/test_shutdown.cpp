@@ -10,10 +10,7 @@ using microbatch::Options;
 
 TEST_CASE("shutdown dispatches queued jobs and returns after they ended", "[shutdown]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 4, .max_batch_delay = 1h});
   std::vector<std::future<Result>> futures;
   for (std::uint64_t id = 1; id <= 10; ++id)
@@ -45,10 +42,7 @@ TEST_CASE("submit and execute_job after shutdown throw batcher_closed", "[shutdo
 
 TEST_CASE("shutdown is idempotent and safe from several threads at once", "[shutdown]") {
   gate held;
-  auto process = [&](std::span<Job> jobs) {
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = gated(held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1});
   auto first = batcher.submit({1, 1});
   held.await_entered();
@@ -114,10 +108,7 @@ TEST_CASE("Shutdown::cancel fails queued jobs with batcher_closed - the running 
 TEST_CASE("a submit blocked by backpressure is released by shutdown with batcher_closed", "[shutdown]") {
   for (auto how : {microbatch::Shutdown::drain, microbatch::Shutdown::cancel}) {
     gate held;
-    auto process = [&](std::span<Job> jobs) {
-      held.enter();
-      return doubled(jobs);
-    };
+    auto process = gated(held);
     microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 1, .max_pending_jobs = 1});
     auto first = batcher.submit({1, 1});
     held.await_entered();

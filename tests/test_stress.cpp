@@ -149,16 +149,6 @@ template <class Get> bool record_end(tally& t, std::uint64_t payload, bool had_d
   return true;
 }
 
-struct detached {
-  struct promise_type {
-    detached get_return_object() noexcept { return {}; }
-    std::suspend_never initial_suspend() noexcept { return {}; }
-    std::suspend_never final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept { std::terminate(); }
-  };
-};
-
 /// Outcomes delivered on batcher threads (callbacks, resumed coroutines).
 struct shared_tally {
   std::mutex mutex;

@@ -8,10 +8,7 @@ using microbatch::Options;
 
 TEST_CASE("a batch is dispatched when it reaches max_batch_size", "[triggers]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 3, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
   for (std::uint64_t id = 1; id <= 6; ++id)
@@ -28,10 +25,7 @@ TEST_CASE("a batch is dispatched when it reaches max_batch_size", "[triggers]") 
 
 TEST_CASE("with size and delay both 0 only flush dispatches", "[triggers]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 0, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
   for (std::uint64_t id = 1; id <= 5; ++id)
@@ -48,10 +42,7 @@ TEST_CASE("with size and delay both 0 only flush dispatches", "[triggers]") {
 
 TEST_CASE("flush returns once the batch is dispatched - an empty flush does nothing", "[triggers]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 100, .max_batch_delay = 1h});
   batcher.flush();
   CHECK(batcher.stats().batches == 0);
@@ -67,10 +58,7 @@ TEST_CASE("flush returns once the batch is dispatched - an empty flush does noth
 
 TEST_CASE("jobs beyond a full batch start the next batch", "[triggers]") {
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 0s});
   std::vector<std::future<Result>> futures;
   for (std::uint64_t id = 1; id <= 5; ++id)
@@ -87,10 +75,7 @@ TEST_CASE("jobs beyond a full batch start the next batch", "[triggers]") {
 TEST_CASE("a partial batch is dispatched max_batch_delay after its first job, not before", "[triggers][clock]") {
   microbatch::manual_clock clock;
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    return doubled(jobs);
-  };
+  auto process = logged(log);
   microbatch::Batcher batcher(process, &Job::id, &Result::id,
                               Options{.max_batch_size = 100, .max_batch_delay = 10ms, .clock = &clock});
   auto first = batcher.submit({1, 1});
