@@ -221,3 +221,29 @@ TEST_CASE("a throwing job ID extractor fails only that job", "[correlation]") {
   CHECK_THROWS_AS(bad.get(), std::domain_error);
   CHECK(c.get().value == 6);
 }
+
+namespace {
+std::vector<Result> tripled(std::span<Job> jobs) {
+  std::vector<Result> results;
+  for (const Job& job : jobs)
+    results.push_back({job.id, 3 * job.value});
+  return results;
+}
+} // namespace
+
+TEST_CASE("Job and Result are deduced from the processor's signature", "[correlation]") {
+  auto positional = [](std::span<Job> jobs) { return doubled(jobs); };
+  microbatch::Batcher by_lambda(positional, Options{.max_batch_size = 1});
+  STATIC_REQUIRE(std::is_same_v<decltype(by_lambda), microbatch::Batcher<Job, Result, decltype(positional)>>);
+  CHECK(by_lambda.execute_job({1, 4}).value == 8);
+
+  auto id_of = [](const Job& job) { return job.id; };
+  microbatch::Batcher by_function(tripled, id_of, &Result::id, Options{.max_batch_size = 1});
+  STATIC_REQUIRE(std::is_same_v<decltype(by_function), microbatch::Batcher<Job, Result, decltype(&tripled)>>);
+  CHECK(by_function.execute_job({2, 4}).value == 12);
+
+  microbatch::Batcher defaults(tripled); // positional, default options
+  auto f = defaults.submit({3, 1});
+  defaults.flush();
+  CHECK(f.get().value == 3);
+}

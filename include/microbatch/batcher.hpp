@@ -728,6 +728,21 @@ Batcher(Processor, JobKey Job::*, ResultKey Result::*) -> Batcher<Job, Result, P
 template <class Processor, class Job, class JobKey, class Result, class ResultKey>
 Batcher(Processor, JobKey Job::*, ResultKey Result::*, Options) -> Batcher<Job, Result, Processor>;
 
+// Otherwise from the processor itself, when it is a function or has one non-template operator()
+// taking std::span<Job> and returning std::vector<Result>: `Batcher b(process);`,
+// `Batcher b(process, id_of_job, id_of_result);`.
+template <class Processor>
+Batcher(Processor) -> Batcher<detail::processor_job_t<Processor>, detail::processor_result_t<Processor>, Processor>;
+template <class Processor>
+Batcher(Processor, Options)
+    -> Batcher<detail::processor_job_t<Processor>, detail::processor_result_t<Processor>, Processor>;
+template <class Processor, class JobId, class ResultId>
+Batcher(Processor, JobId, ResultId)
+    -> Batcher<detail::processor_job_t<Processor>, detail::processor_result_t<Processor>, Processor>;
+template <class Processor, class JobId, class ResultId>
+Batcher(Processor, JobId, ResultId, Options)
+    -> Batcher<detail::processor_job_t<Processor>, detail::processor_result_t<Processor>, Processor>;
+
 template <class Job, class Result, class Processor>
 template <class Correlation>
 class Batcher<Job, Result, Processor>::runner final : public runner_base {

@@ -10,6 +10,7 @@
 #include <functional>
 #include <limits>
 #include <ostream>
+#include <span>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -19,6 +20,37 @@
 namespace microbatch::detail {
 
 inline constexpr std::size_t no_match = std::numeric_limits<std::size_t>::max();
+
+/// Job and Result of a processor `std::vector<Result>(std::span<Job>)`, for Batcher's deduction guides:
+/// a function (pointer) or a class with one non-template operator() (a non-generic lambda).
+template <class Signature> struct processor_signature {};
+template <class Result, class Job> struct processor_signature<std::vector<Result> (*)(std::span<Job>)> {
+  using job = Job;
+  using result = Result;
+};
+template <class Result, class Job>
+struct processor_signature<std::vector<Result>(std::span<Job>)>
+    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+template <class Class, class Result, class Job>
+struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>)>
+    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+template <class Class, class Result, class Job>
+struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>) const>
+    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+template <class Class, class Result, class Job>
+struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>) noexcept>
+    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+template <class Class, class Result, class Job>
+struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>) const noexcept>
+    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+
+template <class Processor> struct processor_traits : processor_signature<decltype(&Processor::operator())> {};
+template <class Result, class Job>
+struct processor_traits<std::vector<Result> (*)(std::span<Job>)>
+    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+
+template <class Processor> using processor_job_t = typename processor_traits<Processor>::job;
+template <class Processor> using processor_result_t = typename processor_traits<Processor>::result;
 
 /// A correlation policy has, per worker thread (no member is shared between threads):
 ///   void begin(std::size_t capacity)          before a batch, capacity = jobs offered
