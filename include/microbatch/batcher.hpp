@@ -218,7 +218,7 @@ public:
     job_awaiter(const job_awaiter&) = delete;
     job_awaiter& operator=(const job_awaiter&) = delete;
 
-    bool await_ready() const noexcept { return false; }
+    [[nodiscard]] bool await_ready() const noexcept { return false; }
     bool await_suspend(std::coroutine_handle<> waiting) {
       node_.waiting = waiting;
       try {
@@ -290,7 +290,7 @@ public:
   }
 
   /// A snapshot of the counters. Never blocks. Thread-safe.
-  Stats stats() const {
+  [[nodiscard]] Stats stats() const {
     Stats s;
     // Ended counters first: a job is counted as accepted before it can end, so this order keeps
     // completed + failed <= submitted.
@@ -352,7 +352,7 @@ private:
     return collector_of;
   }
 
-  time_point now() const noexcept {
+  [[nodiscard]] time_point now() const noexcept {
     return options_.clock != nullptr ? options_.clock->now() : std::chrono::steady_clock::now();
   }
 

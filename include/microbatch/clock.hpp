@@ -37,7 +37,7 @@ public:
   virtual ~clock() = default;
 
   /// The current time; never decreases. Thread-safe.
-  virtual time_point now() const noexcept = 0;
+  [[nodiscard]] virtual time_point now() const noexcept = 0;
 
   /// Batcher hooks. `subscribe` registers a collector that must be woken whenever `now()` moves, until
   /// `unsubscribe` returns. `sleeping` says the collector is about to sleep until `wake_at`
@@ -63,7 +63,7 @@ public:
   manual_clock(const manual_clock&) = delete;
   manual_clock& operator=(const manual_clock&) = delete;
 
-  time_point now() const noexcept override {
+  [[nodiscard]] time_point now() const noexcept override {
     return time_point{std::chrono::nanoseconds{now_ns_.load(std::memory_order_acquire)}};
   }
 
@@ -91,7 +91,7 @@ public:
   }
 
   /// The earliest timer armed by a sleeping batcher, or `time_point::max()`. Thread-safe.
-  time_point next_timer() const {
+  [[nodiscard]] time_point next_timer() const {
     std::lock_guard lock(mutex_);
     time_point earliest = time_point::max();
     for (const auto& entry : sleepers_)

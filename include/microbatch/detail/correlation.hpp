@@ -68,7 +68,7 @@ struct positional_correlation {
   template <class Result> std::size_t match(const Result&, std::size_t position, std::size_t admitted) const noexcept {
     return position < admitted ? position : no_match;
   }
-  std::string describe(std::size_t index) const { return "at position " + std::to_string(index); }
+  [[nodiscard]] std::string describe(std::size_t index) const { return "at position " + std::to_string(index); }
 };
 
 template <class T>
@@ -111,7 +111,7 @@ public:
     return no_match;
   }
 
-  std::size_t match(const Result& result, std::size_t, std::size_t) const noexcept {
+  [[nodiscard]] std::size_t match(const Result& result, std::size_t, std::size_t) const noexcept {
     try {
       return find(std::invoke(result_id_, result));
     } catch (...) { // a result whose ID cannot be read (or hashed) answers no job
@@ -119,7 +119,7 @@ public:
     }
   }
 
-  std::string describe(std::size_t index) const {
+  [[nodiscard]] std::string describe(std::size_t index) const {
     if constexpr (printable<key_type>) {
       std::ostringstream out;
       out << "with ID " << keys_[index];
@@ -130,14 +130,14 @@ public:
   }
 
 private:
-  std::size_t find(const key_type& key) const {
+  [[nodiscard]] std::size_t find(const key_type& key) const {
     for (std::size_t slot = home(key); slots_[slot] != 0; slot = (slot + 1) & mask_) {
       if (keys_[slots_[slot] - 1] == key) return slots_[slot] - 1;
     }
     return no_match;
   }
 
-  std::size_t home(const key_type& key) const {
+  [[nodiscard]] std::size_t home(const key_type& key) const {
     // Fibonacci hashing: the top bits of hash * 2^64/phi spread identity hashes (std::hash of an
     // integer is the integer) evenly over the table.
     auto hash = static_cast<std::uint64_t>(std::hash<key_type>{}(key));

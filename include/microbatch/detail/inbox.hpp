@@ -46,7 +46,10 @@ public:
   }
 
 private:
-  static Node* closed_marker() noexcept { return reinterpret_cast<Node*>(std::uintptr_t{1}); }
+  static Node* closed_marker() noexcept {
+    // A marker that is never dereferenced.
+    return reinterpret_cast<Node*>(std::uintptr_t{1}); // NOLINT(performance-no-int-to-ptr)
+  }
 
   static Node* reversed(Node* head) noexcept {
     Node* oldest_first = nullptr;

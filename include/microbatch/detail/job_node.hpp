@@ -151,6 +151,8 @@ private:
   block* home_;
 };
 
+// Raw storage is left uninitialised on purpose: the node and the promise state are built into it.
+// NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init)
 template <class Job, class Result> struct promise_node<Job, Result>::block {
   std::atomic<std::size_t> references{1}; // the node, plus one per live arena allocation
   std::size_t used = 0;                   // bump offset into arena; only the promise's constructor allocates
@@ -260,6 +262,7 @@ public:
   static constexpr std::size_t inline_bytes = 48;
 
   template <class F>
+  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init): inline_storage_ stays raw until used
   callback_node(Job&& submitted, F&& on_complete, home& owner, void* memory, bool pooled)
       : job_node<Job, Result>(std::move(submitted)), owner_(owner), memory_(memory), pooled_(pooled) {
     using Callable = std::decay_t<F>;

@@ -70,7 +70,8 @@ private:
   static constexpr std::size_t slab_slots = 256;
   static constexpr std::size_t max_slabs = 4096;
 
-  struct slot { // standard layout: `bytes` first, so a slot starts where its bytes do
+  // Standard layout, `bytes` first: a slot starts where its bytes do. The bytes stay raw until used.
+  struct slot { // NOLINT(cppcoreguidelines-pro-type-member-init)
     alignas(Align) unsigned char bytes[Size];
     std::atomic<std::uint32_t> next_free{0}; // index + 1 of the next free slot, 0 = none
     std::uint32_t index = 0;
