@@ -134,3 +134,15 @@ TEST_CASE("shutdown called from inside the processor begins the shutdown without
   CHECK(batcher.execute_job({1, 3}).value == 6);
   CHECK_THROWS_AS(batcher.submit({2, 2}), microbatch::batcher_closed);
 }
+
+TEST_CASE("abandoned futures never disturb anything", "[shutdown]") {
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 8, .max_batch_delay = 100us});
+  for (std::uint64_t id = 0; id < 1000; ++id)
+    (void)batcher.submit({id, 1}); // nobody waits for these
+  auto kept = batcher.submit({5000, 21});
+  batcher.shutdown();
+  CHECK(kept.get().value == 42);
+  auto stats = batcher.stats();
+  CHECK(stats.jobs_completed == 1001);
+  CHECK(stats.pending_jobs == 0);
+}
