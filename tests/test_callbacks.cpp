@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <array>
+#include <functional>
 #include <latch>
 
 #include "support.hpp"
@@ -100,4 +101,28 @@ TEST_CASE("Shutdown::cancel calls back queued jobs with batcher_closed", "[callb
   held.open();
   closer.join();
   CHECK(first.get().value == 2);
+}
+
+TEST_CASE("callbacks that submit again never deadlock on Overflow::block", "[callbacks][backpressure]") {
+  // Each completion submits two more jobs until 200 have run. A submit from a batcher thread cannot
+  // wait for room (only that thread could make it), so it goes beyond max_pending_jobs instead.
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id,
+                              Options{.max_batch_size = 4, .max_batch_delay = 50us, .max_pending_jobs = 4});
+  constexpr int total = 200;
+  std::atomic<int> started{0};
+  std::latch finished(total);
+  std::function<void()> submit_one = [&] {
+    const int n = started.fetch_add(1);
+    if (n >= total) return;
+    batcher.submit({std::uint64_t(n), 1}, [&](Outcome<Result>&&) {
+      submit_one();
+      submit_one();
+      finished.count_down();
+    });
+  };
+  submit_one();
+  finished.wait(); // would hang (and hit the test timeout) if the callbacks blocked
+  batcher.shutdown();
+  CHECK(batcher.stats().jobs_completed >= std::uint64_t(total));
+  CHECK(batcher.stats().pending_jobs == 0);
 }

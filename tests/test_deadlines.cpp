@@ -69,6 +69,8 @@ TEST_CASE("cancelling a queued job: it leaves the queue and execute_job throws c
     std::this_thread::yield(); // wait for a state, not a time
   stop.request_stop();
   CHECK_THROWS_AS(caller.get(), microbatch::cancelled);
+  batcher.flush();
+  CHECK(batcher.stats().batches == 0); // the cancelled job left the queue: nothing to dispatch
   auto later = batcher.submit({2, 2});
   batcher.flush();
   CHECK(later.get().value == 4);

@@ -386,6 +386,12 @@ private:
   void reserve_pending_slot(const std::stop_token& stop) {
     if (options_.max_pending_jobs == 0) return;
     if (try_take_slot()) return;
+    if (options_.overflow == Overflow::block && detail_current_batcher() == this) {
+      // A callback, resumed coroutine or processor submitting again: waiting here could only end when
+      // this very thread finishes its batch. Take the slot beyond the bound instead.
+      pending_.fetch_add(1, std::memory_order_seq_cst);
+      return;
+    }
     if (options_.overflow == Overflow::reject) {
       jobs_rejected_.fetch_add(1, std::memory_order_relaxed);
       throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" + std::to_string(options_.max_pending_jobs) +
@@ -487,8 +493,11 @@ private:
     if (!job->try_claim()) return;
     count_failure(failure::cancelled);
     release_pending_slot();
-    job->deliver(std::make_exception_ptr(
-        cancelled("microbatch::Batcher::execute_job: stop was requested before the job completed")));
+    job->deliver(detail::make_error<cancelled>(
+        [] { return "microbatch::Batcher::execute_job: stop was requested before the job completed"; }));
+    // Have the collector drop the job from the queue now rather than when its batch is dispatched.
+    sweep_requested_.store(true, std::memory_order_release);
+    wake_collector();
   }
 
   void count_failure(failure cause) noexcept {
@@ -497,9 +506,9 @@ private:
     jobs_failed_.fetch_add(1, std::memory_order_release);
   }
 
-  static std::exception_ptr expired_error() {
-    return std::make_exception_ptr(
-        deadline_exceeded("microbatch::Batcher: the job's deadline passed before it was handed to the processor"));
+  static std::exception_ptr expired_error() noexcept {
+    return detail::make_error<deadline_exceeded>(
+        [] { return "microbatch::Batcher: the job's deadline passed before it was handed to the processor"; });
   }
 
   // ---- collector thread ----
@@ -542,7 +551,8 @@ private:
         if (forming.empty()) batch_start = job->arrival != time_point::min() ? job->arrival : now_time;
         earliest_deadline = std::min(earliest_deadline, job->deadline);
         forming.push_back(job);
-        if (max_size != 0 && forming.size >= max_size) dispatch(forming, batches_full_);
+        const bool cancelling = stopping && *stopping == Shutdown::cancel;
+        if (max_size != 0 && forming.size >= max_size && !cancelling) dispatch(forming, batches_full_);
       }
 
       if (stopping) {
@@ -567,7 +577,8 @@ private:
 
       if (delay.count() > 0 && !forming.empty() && now_time >= saturating_add(batch_start, delay))
         dispatch(forming, batches_timed_out_);
-      if (earliest_deadline <= now_time) earliest_deadline = expire_queued(forming, now_time);
+      if (sweep_requested_.exchange(false, std::memory_order_acq_rel) || earliest_deadline <= now_time)
+        earliest_deadline = expire_queued(forming, now_time);
       if (flush_ticket > flushes_served) {
         if (!forming.empty()) dispatch(forming, batches_flushed_);
         flushes_served = flush_ticket;
@@ -638,8 +649,9 @@ private:
     }
     forming.remove_if([](node_type*) { return true; }, queued);
     queued.for_each([&](node_type* job) {
-      end_job(job, std::make_exception_ptr(batcher_closed(
-                       "microbatch::Batcher: shutdown(Shutdown::cancel) began before the job was processed")));
+      end_job(job, detail::make_error<batcher_closed>([] {
+                return "microbatch::Batcher: shutdown(Shutdown::cancel) began before the job was processed";
+              }));
     });
   }
 
@@ -669,6 +681,7 @@ private:
   alignas(64) std::atomic<std::uint64_t> wake_at_accepted_{1}; // collector: wake me when jobs_accepted_ gets here
   std::atomic<time_point::rep> planned_wake_{time_point::max().time_since_epoch().count()}; // collector's timer
   std::atomic<bool> closing_{false};
+  std::atomic<bool> sweep_requested_{false}; // a queued job was cancelled: the collector drops it
 
   // Backpressure (only with max_pending_jobs != 0).
   alignas(64) std::atomic<std::size_t> pending_{0};
@@ -751,10 +764,19 @@ public:
 
   void run(batch& offered) override {
     const time_point now_time = owner_.now();
-    correlation_.begin(offered.size);
     jobs_.clear();
     admitted_.clear();
-    jobs_.reserve(offered.size);
+    try { // every buffer sized up front: nothing below allocates but the error messages
+      correlation_.begin(offered.size);
+      jobs_.reserve(offered.size);
+      admitted_.reserve(offered.size);
+      answered_.reserve(offered.size);
+    } catch (...) { // out of memory: the batch fails, the batcher goes on
+      std::exception_ptr error = std::current_exception();
+      offered.for_each([&](node_type* job) { owner_.end_job(job, error); });
+      detail::release_error(error);
+      return;
+    }
     for (node_type* next = offered.first; next != nullptr;) {
       node_type* job = next;
       next = job->next;     // before the job can end
@@ -782,9 +804,10 @@ public:
       }
       if (earlier != detail::no_match) {
         jobs_.pop_back();
-        owner_.end_job(job, std::make_exception_ptr(
-                                duplicate_id("microbatch: the job " + correlation_.describe(earlier) +
-                                             " has the same ID as an earlier job of its batch; it was not processed")));
+        owner_.end_job(job, detail::make_error<duplicate_id>([&] {
+                         return "microbatch: the job " + correlation_.describe(earlier) +
+                                " has the same ID as an earlier job of its batch; it was not processed";
+                       }));
         continue;
       }
       admitted_.push_back(job);
@@ -819,9 +842,10 @@ public:
     }
     for (std::size_t index = 0; index < admitted_.size(); ++index) {
       if (answered_[index]) continue;
-      owner_.end_job(admitted_[index],
-                     std::make_exception_ptr(no_result("microbatch: the processor returned no result for the job " +
-                                                       correlation_.describe(index))));
+      owner_.end_job(admitted_[index], detail::make_error<no_result>([&] {
+                       return "microbatch: the processor returned no result for the job " +
+                              correlation_.describe(index);
+                     }));
     }
     if (uncorrelated != 0) owner_.uncorrelated_results_.fetch_add(uncorrelated, std::memory_order_relaxed);
   }

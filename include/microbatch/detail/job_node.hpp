@@ -10,6 +10,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include <coroutine>
@@ -29,6 +30,16 @@ using time_point = std::chrono::steady_clock::time_point;
 /// tests/tsan.supp suppress exactly that false report and nothing else of ours.
 [[gnu::noinline]] inline void release_error(std::exception_ptr& error) noexcept {
   error = nullptr;
+}
+
+/// An exception_ptr to `Error(message())`; if building the message throws (out of memory), to that
+/// exception instead. Either way the job gets an error, and nothing escapes into a batcher thread.
+template <class Error, class Message> std::exception_ptr make_error(Message&& message) noexcept {
+  try {
+    return std::make_exception_ptr(Error(std::string(message())));
+  } catch (...) {
+    return std::current_exception();
+  }
 }
 
 /// One submitted job. Ownership: the submitting call creates it; from a successful push into the inbox
@@ -103,12 +114,12 @@ public:
 
   /// A new node holding `job`, with its promise ready. Thread-safe.
   static promise_node* create(Job&& submitted) {
-    void* raw = ::operator new(sizeof(block));
+    void* raw = allocate_block();
     auto* home = ::new (raw) block;
     try {
       return ::new (static_cast<void*>(home->node_storage)) promise_node(std::move(submitted), home);
     } catch (...) {
-      ::operator delete(raw);
+      free_block(raw);
       throw;
     }
   }
@@ -142,6 +153,21 @@ private:
       : job_node<Job, Result>(std::move(submitted)), promise(std::allocator_arg, arena_allocator<char>(home)),
         home_(home) {}
 
+  static void* allocate_block() {
+    if constexpr (alignof(block) > __STDCPP_DEFAULT_NEW_ALIGNMENT__) {
+      return ::operator new (sizeof(block), std::align_val_t{alignof(block)});
+    } else {
+      return ::operator new(sizeof(block));
+    }
+  }
+  static void free_block(void* raw) noexcept {
+    if constexpr (alignof(block) > __STDCPP_DEFAULT_NEW_ALIGNMENT__) {
+      ::operator delete (raw, std::align_val_t{alignof(block)});
+    } else {
+      ::operator delete(raw);
+    }
+  }
+
   void destroy() noexcept {
     block* home = home_;
     this->~promise_node(); // drops the promise's hold on the shared state
@@ -174,7 +200,7 @@ template <class Job, class Result> struct promise_node<Job, Result>::block {
   void release() noexcept {
     if (references.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       this->~block();
-      ::operator delete(static_cast<void*>(this));
+      free_block(static_cast<void*>(this));
     }
   }
 };
