@@ -118,8 +118,9 @@ public:
 
   /// Queues `job`; the future receives its result or its error (never thrown here: the errors 1-5
   /// above arrive through the future). Throws `batcher_closed` after shutdown began, `queue_full` at
-  /// `max_pending_jobs` with `Overflow::reject`; with `Overflow::block` waits for room. Allocates the
-  /// one block for the job's node and its promise's shared state. Thread-safe.
+  /// `max_pending_jobs` with `Overflow::reject`; with `Overflow::block` waits for room (on a batcher
+  /// thread, e.g. in a callback, it does not wait: it goes beyond the bound, as only that thread could
+  /// make room). Allocates one block for the job's node and its promise's shared state. Thread-safe.
   [[nodiscard]] std::future<Result> submit(Job job) { return submit(std::move(job), time_point::max()); }
 
   /// As `submit(job)`, and the job fails with `deadline_exceeded` if `deadline` passes before it is
