@@ -105,6 +105,15 @@ inline auto gated(gate& held) {
   };
 }
 
+/// Both: records the batch in `log`, then waits at `held`, then answers like `doubled`.
+inline auto logged_and_gated(batch_log& log, gate& held) {
+  return [&log, &held](std::span<Job> jobs) {
+    log.record(jobs);
+    held.enter();
+    return doubled(jobs);
+  };
+}
+
 /// The smallest coroutine type: starts at once, runs to its end, frees its own frame.
 struct detached {
   struct promise_type {

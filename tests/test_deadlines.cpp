@@ -11,11 +11,7 @@ TEST_CASE("a job whose deadline passes while queued behind a busy processor fail
   microbatch::manual_clock clock;
   gate held;
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = logged_and_gated(log, held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id,
                               Options{.max_batch_size = 1, .max_batch_delay = 0s, .clock = &clock});
   auto running = batcher.submit({1, 1});

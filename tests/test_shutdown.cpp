@@ -79,11 +79,7 @@ TEST_CASE("the destructor drains, and futures outlive the batcher", "[shutdown]"
 TEST_CASE("Shutdown::cancel fails queued jobs with batcher_closed - the running batch finishes", "[shutdown]") {
   gate held;
   batch_log log;
-  auto process = [&](std::span<Job> jobs) {
-    log.record(jobs);
-    held.enter();
-    return doubled(jobs);
-  };
+  auto process = logged_and_gated(log, held);
   microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 1h});
   auto a = batcher.submit({1, 1});
   auto b = batcher.submit({2, 2});
