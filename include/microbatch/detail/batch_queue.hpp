@@ -26,6 +26,18 @@ template <class Node> struct job_list {
     ++size;
   }
 
+  /// Moves every node of `other` to the end of this list, leaving `other` empty.
+  void append(job_list other) noexcept {
+    if (other.empty()) return;
+    if (last != nullptr) {
+      last->next = other.first;
+    } else {
+      first = other.first;
+    }
+    last = other.last;
+    size += other.size;
+  }
+
   /// Unlinks, in order, the nodes for which `remove(node)` is true, appending them to `removed`.
   template <class Remove> void remove_if(Remove&& remove, job_list& removed) noexcept {
     job_list kept;

@@ -13,6 +13,7 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -21,33 +22,41 @@ namespace microbatch::detail {
 
 inline constexpr std::size_t no_match = std::numeric_limits<std::size_t>::max();
 
-/// Job and Result of a processor `std::vector<Result>(std::span<Job>)`, for Batcher's deduction guides:
-/// a function (pointer) or a class with one non-template operator() (a non-generic lambda).
+/// Job and Result of a processor `std::vector<Result>(std::span<Job>)`, for the deduction guides: a
+/// function (pointer, `noexcept` or not), a `std::reference_wrapper` to a processor, or a class with
+/// one non-template `operator()` (a non-generic lambda). For anything else (a generic lambda, an
+/// overloaded `operator()`) the traits are empty, so a guide that needs them drops out quietly and the
+/// others (member-pointer IDs) still apply.
 template <class Signature> struct processor_signature {};
-template <class Result, class Job> struct processor_signature<std::vector<Result> (*)(std::span<Job>)> {
+template <class Result, class Job> struct processor_signature<std::vector<Result>(std::span<Job>)> {
   using job = Job;
   using result = Result;
 };
 template <class Result, class Job>
-struct processor_signature<std::vector<Result>(std::span<Job>)>
-    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+struct processor_signature<std::vector<Result>(std::span<Job>) noexcept>
+    : processor_signature<std::vector<Result>(std::span<Job>)> {};
+template <class Signature> struct processor_signature<Signature*> : processor_signature<Signature> {};
 template <class Class, class Result, class Job>
 struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>)>
-    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+    : processor_signature<std::vector<Result>(std::span<Job>)> {};
 template <class Class, class Result, class Job>
 struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>) const>
-    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+    : processor_signature<std::vector<Result>(std::span<Job>)> {};
 template <class Class, class Result, class Job>
 struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>) noexcept>
-    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+    : processor_signature<std::vector<Result>(std::span<Job>)> {};
 template <class Class, class Result, class Job>
 struct processor_signature<std::vector<Result> (Class::*)(std::span<Job>) const noexcept>
-    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+    : processor_signature<std::vector<Result>(std::span<Job>)> {};
 
-template <class Processor> struct processor_traits : processor_signature<decltype(&Processor::operator())> {};
-template <class Result, class Job>
-struct processor_traits<std::vector<Result> (*)(std::span<Job>)>
-    : processor_signature<std::vector<Result> (*)(std::span<Job>)> {};
+template <class Processor> struct processor_traits : processor_signature<Processor> {};
+template <class Processor>
+requires requires {
+  &Processor::operator();
+}
+struct processor_traits<Processor> : processor_signature<decltype(&Processor::operator())> {};
+template <class Processor>
+struct processor_traits<std::reference_wrapper<Processor>> : processor_traits<std::remove_cv_t<Processor>> {};
 
 template <class Processor> using processor_job_t = typename processor_traits<Processor>::job;
 template <class Processor> using processor_result_t = typename processor_traits<Processor>::result;
@@ -59,7 +68,7 @@ template <class Processor> using processor_result_t = typename processor_traits<
 ///                                             (the extractor's error), then nothing was admitted
 ///   std::size_t match(const Result&, std::size_t position, std::size_t admitted)
 ///                                             index of the admitted job it answers, or no_match
-///   std::string describe(std::size_t index)   names the admitted job in error messages
+///   std::string describe_id(std::size_t index) " (ID x)" for error messages, or "" if IDs cannot be printed
 
 /// Result i answers admitted job i.
 struct positional_correlation {
@@ -68,7 +77,7 @@ struct positional_correlation {
   template <class Result> std::size_t match(const Result&, std::size_t position, std::size_t admitted) const noexcept {
     return position < admitted ? position : no_match;
   }
-  [[nodiscard]] std::string describe(std::size_t index) const { return "at position " + std::to_string(index); }
+  [[nodiscard]] std::string describe_id(std::size_t) const { return {}; }
 };
 
 template <class T>
@@ -78,10 +87,40 @@ concept printable = requires(std::ostream& out, const T& value) {
 
 /// Jobs and results carry IDs; a per-batch open-addressing table (reused from batch to batch, so no
 /// allocation in steady state) maps an ID to the index of the admitted job that has it.
+template <class T> struct owning_key { using type = T; };
+template <class Char, class Traits> struct owning_key<std::basic_string_view<Char, Traits>> {
+  using type = std::basic_string<Char, Traits>;
+};
+
+/// The ID type a batch stores for each admitted job: what `job_id` returns, by value, except that a
+/// `std::basic_string_view` is stored as the `std::basic_string` it views (it may point into a
+/// temporary the extractor returned, or into a job the processor moves from).
+template <class T> using owning_key_t = typename owning_key<T>::type;
+
+template <class A, class B>
+concept have_common_type = requires {
+  typename std::common_type_t<A, B>;
+};
+
+/// Jobs and results carry IDs; a per-batch open-addressing table (reused from batch to batch, so no
+/// allocation in steady state) maps an ID to the index of the admitted job that has it. Stored keys
+/// own their data (`owning_key_t`); lookups hash and compare in the common type of the job's and the
+/// result's ID types (`std::hash` of a `std::string` and of a `std::string_view` agree).
 template <class Job, class Result, class JobId, class ResultId> class keyed_correlation {
 public:
-  using key_type = std::common_type_t<std::decay_t<std::invoke_result_t<const JobId&, const Job&>>,
-                                      std::decay_t<std::invoke_result_t<const ResultId&, const Result&>>>;
+  static_assert(std::is_invocable_v<const JobId&, const Job&>,
+                "microbatch: the job ID extractor must be callable with const Job& (a member pointer such as "
+                "&Job::id, a function or a lambda)");
+  static_assert(std::is_invocable_v<const ResultId&, const Result&>,
+                "microbatch: the result ID extractor must be callable with const Result& (a member pointer such "
+                "as &Result::id, a function or a lambda)");
+  using job_key = std::decay_t<std::invoke_result_t<const JobId&, const Job&>>;
+  using result_key = std::decay_t<std::invoke_result_t<const ResultId&, const Result&>>;
+  static_assert(have_common_type<job_key, result_key>,
+                "microbatch: the job ID and the result ID must have a common type (e.g. both integers, or "
+                "std::string and std::string_view) so that results can be matched to jobs");
+  using stored_key = owning_key_t<job_key>;
+  using key_type = std::common_type_t<job_key, result_key>; // what lookups hash and compare
   static_assert(std::equality_comparable<key_type>, "microbatch: correlation IDs must be equality-comparable");
   static_assert(std::is_default_constructible_v<std::hash<key_type>>,
                 "microbatch: correlation IDs must be hashable with std::hash");
@@ -101,9 +140,9 @@ public:
   }
 
   std::size_t admit(const Job& job) {
-    key_type key = std::invoke(job_id_, job);
-    if (const std::size_t earlier = find(key); earlier != no_match) return earlier;
-    std::size_t slot = home(key);
+    stored_key key(std::invoke(job_id_, job)); // owns its data before anything else happens
+    if (const std::size_t earlier = find(as_lookup(key)); earlier != no_match) return earlier;
+    std::size_t slot = home(as_lookup(key));
     while (slots_[slot] != 0)
       slot = (slot + 1) & mask_;
     keys_.push_back(std::move(key));
@@ -113,26 +152,37 @@ public:
 
   [[nodiscard]] std::size_t match(const Result& result, std::size_t, std::size_t) const noexcept {
     try {
-      return find(std::invoke(result_id_, result));
+      const result_key key = std::invoke(result_id_, result); // alive while the lookup uses it
+      return find(as_lookup(key));
     } catch (...) { // a result whose ID cannot be read (or hashed) answers no job
       return no_match;
     }
   }
 
-  [[nodiscard]] std::string describe(std::size_t index) const {
-    if constexpr (printable<key_type>) {
+  /// " (ID x)" for an admitted job whose ID can be printed, else "".
+  [[nodiscard]] std::string describe_id(std::size_t index) const {
+    if constexpr (printable<stored_key>) {
       std::ostringstream out;
-      out << "with ID " << keys_[index];
+      out << " (ID " << keys_[index] << ")";
       return out.str();
     } else {
-      return "at position " + std::to_string(index);
+      return {};
     }
   }
 
 private:
+  /// A key seen as the lookup type: itself when it already is one (no copy), else converted.
+  template <class Key> static decltype(auto) as_lookup(const Key& key) {
+    if constexpr (std::is_same_v<Key, key_type>) {
+      return (key);
+    } else {
+      return key_type(key);
+    }
+  }
+
   [[nodiscard]] std::size_t find(const key_type& key) const {
     for (std::size_t slot = home(key); slots_[slot] != 0; slot = (slot + 1) & mask_) {
-      if (keys_[slots_[slot] - 1] == key) return slots_[slot] - 1;
+      if (as_lookup(keys_[slots_[slot] - 1]) == key) return slots_[slot] - 1;
     }
     return no_match;
   }
@@ -146,7 +196,7 @@ private:
 
   JobId job_id_;
   ResultId result_id_;
-  std::vector<key_type> keys_;       // keys of the admitted jobs, by index
+  std::vector<stored_key> keys_;     // keys of the admitted jobs, by index
   std::vector<std::uint32_t> slots_; // 0 = empty, else index + 1 into keys_
   std::size_t mask_ = 0;
   int shift_ = 63;

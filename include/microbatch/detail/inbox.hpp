@@ -1,4 +1,4 @@
-// microbatch::detail::inbox: where submitters leave jobs for the collector.
+// microbatch::detail::inbox: where submitters leave jobs until a forming pass takes them.
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
@@ -8,10 +8,10 @@
 namespace microbatch::detail {
 
 /// An intrusive multi-producer, single-consumer stack of nodes with a `next` member. Submitters push
-/// with one compare-exchange and no lock; the collector takes everything at once with one exchange and
-/// reverses it into arrival order. Because the consumer only ever takes the whole list, there is no ABA
-/// problem. `close` makes every later push fail, which is how shutdown stops accepting jobs without a
-/// lock and without losing a job that raced with it.
+/// with one compare-exchange and no lock; a forming pass (one at a time: the batcher serialises them
+/// with a mutex) takes everything at once with one exchange and reverses it into arrival order.
+/// Because the consumer only ever takes the whole list, there is no ABA problem. `close` makes every later push fail,
+/// which is how shutdown stops accepting jobs without a lock and without losing a job that raced with it.
 template <class Node> class inbox {
 public:
   enum class push_result { first, appended, closed };
@@ -36,10 +36,14 @@ public:
   /// "publish my plan, then look" pairs with a submitter's "push, then read the plan". Thread-safe.
   [[nodiscard]] bool empty() const noexcept { return head_.load(std::memory_order_seq_cst) == nullptr; }
 
-  /// Takes every published node, oldest first. Collector thread only.
-  Node* take_all() noexcept { return reversed(head_.exchange(nullptr, std::memory_order_acquire)); }
+  /// Takes every published node, oldest first; nothing once closed. Callers of `take_all` and `close`
+  /// must be serialised (the batcher holds the forming batch's mutex); pushes may run concurrently.
+  Node* take_all() noexcept {
+    if (head_.load(std::memory_order_relaxed) == closed_marker()) return nullptr; // only `close` sets it
+    return reversed(head_.exchange(nullptr, std::memory_order_acquire));
+  }
 
-  /// Takes every published node, oldest first, and fails every later push. Collector thread only.
+  /// Takes every published node, oldest first, and fails every later push. Serialised with `take_all`.
   Node* close() noexcept {
     Node* head = head_.exchange(closed_marker(), std::memory_order_acquire);
     return head == closed_marker() ? nullptr : reversed(head);

@@ -16,6 +16,7 @@
 #include <coroutine>
 #include <type_traits>
 
+#include "../errors.hpp"
 #include "../outcome.hpp"
 #include "completion_flag.hpp"
 
@@ -40,6 +41,15 @@ template <class Error, class Message> std::exception_ptr make_error(Message&& me
   } catch (...) {
     return std::current_exception();
   }
+}
+
+/// Why a job failed, for the counters in `Stats`.
+enum class failure { other, expired, cancelled };
+
+/// The error of a job whose deadline passed while it was queued.
+inline std::exception_ptr expired_error() noexcept {
+  return make_error<deadline_exceeded>(
+      [] { return "microbatch::Batcher: the job's deadline passed before it was handed to the processor"; });
 }
 
 /// One submitted job. Ownership: the submitting call creates it; from a successful push into the inbox

@@ -1,0 +1,151 @@
+// microbatch::detail::batch_forming: where jobs wait to become a batch, and when a batch is full or due.
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+
+#include "batch_queue.hpp"
+#include "inbox.hpp"
+
+namespace microbatch::detail {
+
+/// Why a batch was dispatched.
+enum class dispatch_reason { size, delay, flush };
+
+/// The forming batch. Submitters leave jobs in a lock-free inbox (one compare-exchange) and count them
+/// (one fetch-add); nothing else happens per job. The submitter whose job makes the forming batch
+/// reach `max_batch_size` is told so by `count_arrival` and runs a forming pass itself, on its own
+/// thread (`take_arrivals` under `mutex()`): it moves the inbox into the forming batch and hands out
+/// every full batch. The collector runs the same pass for the delay, deadlines, flush and shutdown.
+/// So a full batch never waits for another thread to notice it: the thread that filled it dispatches.
+///
+/// The one place that decides "full" and "due": a later policy (weights, dispatch-when-idle) plugs in
+/// here. Members marked "(mutex held)" need `mutex()`; the others are lock-free and thread-safe.
+///
+/// How "full" reaches the right submitter without a lock: every pass stores `fill_at_`, the arrival
+/// count at which the forming batch will be full, then looks at the count once more. A submitter
+/// whose count reaches `fill_at_` claims the pass by exchanging it for `never` (so one submitter per
+/// batch goes to the lock). Either the pass sees the count (and goes round again), or the submitter
+/// sees the threshold: the crossing is never missed.
+template <class Node> class batch_forming {
+public:
+  using time_point = std::chrono::steady_clock::time_point;
+  using push_result = typename inbox<Node>::push_result;
+
+  batch_forming(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay)
+      : max_size_(max_batch_size), delay_(max_batch_delay) {
+    fill_at_.store(max_size_ == 0 ? never : max_size_, std::memory_order_relaxed);
+  }
+  batch_forming(const batch_forming&) = delete;
+  batch_forming& operator=(const batch_forming&) = delete;
+
+  /// Publishes `job`; `stamp(job)` runs first when it is the first job into an empty inbox (the
+  /// batcher records its arrival time there). Fails only after `close`. Lock-free.
+  template <class Stamp> push_result push(Node* job, Stamp&& stamp) noexcept {
+    return inbox_.push(job, std::forward<Stamp>(stamp));
+  }
+
+  /// Counts a published job. True if this arrival fills the forming batch: the caller must run a
+  /// forming pass (`take_arrivals`). Lock-free.
+  bool count_arrival() noexcept {
+    const std::uint64_t count = arrivals_.fetch_add(1, std::memory_order_seq_cst) + 1;
+    return count >= fill_at_.load(std::memory_order_seq_cst) &&
+           fill_at_.exchange(never, std::memory_order_seq_cst) != never;
+  }
+
+  /// Jobs counted so far. Lock-free.
+  [[nodiscard]] std::uint64_t arrivals() const noexcept { return arrivals_.load(std::memory_order_acquire); }
+
+  /// True if nothing waits in the inbox. Sequentially consistent with `push` (the collector's "publish
+  /// the plan, then look once more"). Lock-free.
+  [[nodiscard]] bool inbox_empty() const noexcept { return inbox_.empty(); }
+
+  std::mutex& mutex() noexcept { return mutex_; }
+
+  /// (mutex held) Moves every published job into the forming batch, in arrival order, and calls
+  /// `full(job_list)` for each batch that reaches `max_batch_size`; then re-arms the fill threshold,
+  /// going round again if a submitter crossed it meanwhile. With `closing`, later pushes fail. Jobs
+  /// that were first into an empty inbox carry their arrival time; a forming batch starts at its first
+  /// job's (or at `now` for jobs left over from a full batch).
+  template <class Full> void take_arrivals(time_point now, Full&& full, bool closing = false) {
+    do {
+      Node* arrived = closing ? inbox_.close() : inbox_.take_all();
+      while (arrived != nullptr) {
+        Node* job = arrived;
+        arrived = job->next; // before `full`: a worker may end the job at once
+        ++taken_;
+        if (forming_.empty()) start_ = job->arrival != time_point::min() ? job->arrival : now;
+        earliest_deadline_ = std::min(earliest_deadline_, job->deadline);
+        forming_.push_back(job);
+        if (max_size_ != 0 && forming_.size >= max_size_) full(cut());
+      }
+    } while (rearm());
+  }
+
+  /// (mutex held) Jobs in the forming batch.
+  [[nodiscard]] std::size_t size() const noexcept { return forming_.size; }
+  [[nodiscard]] bool empty() const noexcept { return forming_.empty(); }
+
+  /// (mutex held) When the forming batch is due by `max_batch_delay`, or `time_point::max()` (empty,
+  /// or no delay).
+  [[nodiscard]] time_point due() const noexcept {
+    if (forming_.empty() || delay_.count() == 0) return time_point::max();
+    return delay_ >= time_point::max() - start_ ? time_point::max() : start_ + delay_;
+  }
+
+  /// (mutex held) Takes the whole forming batch, leaving it empty. Call `take_arrivals` before
+  /// unlocking: it re-arms the fill threshold for the next batch.
+  job_list<Node> cut() noexcept {
+    job_list<Node> batch = forming_;
+    forming_ = {};
+    return batch;
+  }
+
+  /// (mutex held) A lower bound on the deadlines of every job taken and not yet known to have left the
+  /// batcher (in the forming batch or queued for a worker). `set_earliest_deadline` replaces it after
+  /// a scan of both.
+  [[nodiscard]] time_point earliest_deadline() const noexcept { return earliest_deadline_; }
+  void set_earliest_deadline(time_point deadline) noexcept { earliest_deadline_ = deadline; }
+
+  /// (mutex held) Unlinks the forming batch's jobs for which `leaves(job)` is true into `removed`.
+  /// Call `take_arrivals` before unlocking (it re-arms the fill threshold).
+  template <class Leaves> void remove_if(Leaves&& leaves, job_list<Node>& removed) {
+    forming_.remove_if(std::forward<Leaves>(leaves), removed);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Implementation details follow.
+private:
+  static constexpr std::uint64_t never = std::numeric_limits<std::uint64_t>::max();
+
+  /// (mutex held) Stores the arrival count at which the forming batch will be full; true if that count
+  /// was already reached (the jobs are in the inbox: take them now). A submitter may have seen the same
+  /// crossing and be waiting for the lock: its pass then finds nothing to do.
+  bool rearm() noexcept {
+    if (max_size_ == 0) return false;
+    const std::uint64_t fill_at = taken_ + (max_size_ - forming_.size);
+    fill_at_.store(fill_at, std::memory_order_seq_cst);
+    return arrivals_.load(std::memory_order_seq_cst) >= fill_at;
+  }
+
+  const std::size_t max_size_;
+  const std::chrono::nanoseconds delay_;
+
+  inbox<Node> inbox_;
+  alignas(64) std::atomic<std::uint64_t> arrivals_{0}; // jobs published and counted, ever
+  alignas(64) std::atomic<std::uint64_t> fill_at_{0};  // arrivals_ value that fills the forming batch
+
+  std::mutex mutex_;
+  job_list<Node> forming_;                           // guarded by mutex_
+  time_point start_{};                               // guarded by mutex_; the forming batch's first arrival
+  time_point earliest_deadline_ = time_point::max(); // guarded by mutex_
+  std::uint64_t taken_ = 0;                          // guarded by mutex_; jobs moved out of the inbox, ever
+};
+
+} // namespace microbatch::detail

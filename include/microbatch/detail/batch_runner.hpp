@@ -1,0 +1,170 @@
+// microbatch::detail::batch_runner: runs one batch on a worker thread, from its jobs to their ends.
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../errors.hpp"
+#include "batch_queue.hpp"
+#include "correlation.hpp"
+#include "job_node.hpp"
+
+namespace microbatch::detail {
+
+/// What a runner needs from its batcher: the processor, the time, and the one place where a job ends.
+/// Implemented by `Batcher`; called only from the worker thread that runs the batch.
+template <class Job, class Result> class runner_host {
+public:
+  using node_type = job_node<Job, Result>;
+  using time_point = std::chrono::steady_clock::time_point;
+
+  [[nodiscard]] virtual time_point now() const noexcept = 0;
+  virtual std::vector<Result> call_processor(std::span<Job> jobs) = 0;
+  virtual void end_job(node_type* job, Result&& value) noexcept = 0;
+  virtual void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept = 0;
+  virtual void count_uncorrelated(std::uint64_t results) noexcept = 0;
+
+protected:
+  ~runner_host() = default;
+};
+
+/// Runs a batch: drops jobs cancelled or expired while queued, admits the others (the correlation
+/// policy rejects duplicate IDs), calls the processor once, and ends every admitted job with its
+/// result or an error. One per worker thread, so its buffers (reused from batch to batch: no allocation
+/// in steady state) need no lock. The ID extractors' types are erased behind `run`: one virtual call
+/// per batch, never per job.
+template <class Job, class Result> class batch_runner {
+public:
+  using node_type = job_node<Job, Result>;
+  virtual ~batch_runner() = default;
+  virtual void run(job_list<node_type>& batch) = 0;
+};
+
+template <class Job, class Result, class Correlation>
+class correlating_runner final : public batch_runner<Job, Result> {
+public:
+  using node_type = job_node<Job, Result>;
+
+  correlating_runner(runner_host<Job, Result>& host, Correlation correlation)
+      : host_(host), correlation_(std::move(correlation)) {}
+
+  void run(job_list<node_type>& offered) override {
+    const auto now_time = host_.now();
+    jobs_.clear();
+    admitted_.clear();
+    positions_.clear();
+    try { // every buffer sized up front: nothing below allocates but the error messages
+      correlation_.begin(offered.size);
+      jobs_.reserve(offered.size);
+      admitted_.reserve(offered.size);
+      positions_.reserve(offered.size);
+      answered_.reserve(offered.size);
+    } catch (...) { // out of memory: the batch fails, the batcher goes on
+      std::exception_ptr error = std::current_exception();
+      offered.for_each([&](node_type* job) { host_.end_job(job, error, failure::other); });
+      release_error(error);
+      return;
+    }
+    std::size_t position = 0; // of the job in its batch as dispatched, for error messages
+    for (node_type* next = offered.first; next != nullptr; ++position) {
+      node_type* job = next;
+      next = job->next;     // before the job can end
+      if (job->claimed()) { // cancelled while queued
+        job->abandon();
+        continue;
+      }
+      if (job->deadline <= now_time) {
+        host_.end_job(job, expired_error(), failure::expired);
+        continue;
+      }
+      admit(job, position);
+    }
+    if (admitted_.empty()) return;
+
+    std::vector<Result> results;
+    std::exception_ptr processor_error;
+    try {
+      results = host_.call_processor(std::span<Job>(jobs_));
+    } catch (...) {
+      processor_error = std::current_exception();
+    } // the handler's own reference ends here, before the exception is shared
+    jobs_.clear();
+    if (processor_error) {
+      for (node_type* job : admitted_)
+        host_.end_job(job, processor_error, failure::other);
+      release_error(processor_error);
+      return;
+    }
+    correlate(results);
+  }
+
+private:
+  void admit(node_type* job, std::size_t position) {
+    try {
+      jobs_.push_back(std::move(job->job));
+    } catch (...) { // Job's move constructor threw
+      host_.end_job(job, std::current_exception(), failure::other);
+      return;
+    }
+    std::size_t earlier = no_match;
+    try {
+      earlier = correlation_.admit(jobs_.back());
+    } catch (...) { // the job ID extractor threw: only this job fails
+      jobs_.pop_back();
+      host_.end_job(job, std::current_exception(), failure::other);
+      return;
+    }
+    if (earlier != no_match) {
+      jobs_.pop_back();
+      host_.end_job(job, make_error<duplicate_id>([&] {
+                      return "microbatch: the job at position " + std::to_string(position) + " of its batch" +
+                             correlation_.describe_id(earlier) + " has the same ID as the earlier job at position " +
+                             std::to_string(positions_[earlier]) + "; it was not processed";
+                    }),
+                    failure::other);
+      return;
+    }
+    admitted_.push_back(job);
+    positions_.push_back(position);
+  }
+
+  void correlate(std::vector<Result>& results) {
+    answered_.assign(admitted_.size(), false);
+    std::uint64_t uncorrelated = 0;
+    for (std::size_t position = 0; position < results.size(); ++position) {
+      const std::size_t index = correlation_.match(results[position], position, admitted_.size());
+      if (index == no_match || answered_[index]) {
+        ++uncorrelated;
+        continue;
+      }
+      answered_[index] = true;
+      host_.end_job(admitted_[index], std::move(results[position]));
+    }
+    for (std::size_t index = 0; index < admitted_.size(); ++index) {
+      if (answered_[index]) continue;
+      host_.end_job(admitted_[index], make_error<no_result>([&] {
+                      return "microbatch: the processor returned no result for the job at position " +
+                             std::to_string(positions_[index]) + " of its batch" + correlation_.describe_id(index);
+                    }),
+                    failure::other);
+    }
+    if (uncorrelated != 0) host_.count_uncorrelated(uncorrelated);
+  }
+
+  runner_host<Job, Result>& host_;
+  Correlation correlation_;
+  std::vector<Job> jobs_;              // the span handed to the processor; capacity reused
+  std::vector<node_type*> admitted_;   // admitted_[i] owns jobs_[i]
+  std::vector<std::size_t> positions_; // positions_[i]: admitted_[i]'s position in its batch
+  std::vector<bool> answered_;
+};
+
+} // namespace microbatch::detail
