@@ -75,3 +75,47 @@ TEST_CASE("thousands of coroutines from two threads share one batcher", "[corout
   CHECK(wrong.load() == 0);
   CHECK(batcher.stats().jobs_completed == coroutines * jobs_each);
 }
+
+namespace {
+struct Lookup { // an aggregate that owns memory: the case g++ 11/12 got wrong with braced temporaries
+  std::string key;
+  std::string padding;
+};
+struct Found {
+  std::string key;
+  std::size_t length = 0;
+};
+std::vector<Found> look_up(std::span<Lookup> lookups) {
+  std::vector<Found> found;
+  for (auto& l : lookups)
+    found.push_back({l.key, l.key.size() + l.padding.size()});
+  return found;
+}
+
+template <class B> detached every_form(B& batcher, std::promise<std::vector<std::size_t>>& lengths) {
+  std::vector<std::size_t> seen;
+  try {
+    const std::string long_key(40, 'k'); // beyond the small-string buffer: a double free would show
+    Found braced = co_await batcher.async_execute_job({long_key + "1", std::string(50, 'p')});
+    seen.push_back(braced.length);
+    Lookup named{long_key + "2", std::string(60, 'p')};
+    Found by_name = co_await batcher.async_execute_job(named);
+    seen.push_back(by_name.length);
+    Found moved = co_await batcher.async_execute_job(std::move(named));
+    seen.push_back(moved.length);
+    Found empty_braced = co_await batcher.async_execute_job({});
+    seen.push_back(empty_braced.length);
+    lengths.set_value(seen);
+  } catch (...) {
+    lengths.set_exception(std::current_exception());
+  }
+}
+} // namespace
+
+TEST_CASE("co_await with braced, named and moved jobs that own memory (g++ 11/12 under ASan)", "[coroutines]") {
+  microbatch::Batcher batcher(look_up, &Lookup::key, &Found::key, Options{.max_batch_size = 1});
+  std::promise<std::vector<std::size_t>> lengths;
+  auto answer = lengths.get_future();
+  every_form(batcher, lengths);
+  CHECK(answer.get() == std::vector<std::size_t>{41 + 50, 41 + 60, 41 + 60, 0});
+}

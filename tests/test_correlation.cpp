@@ -247,3 +247,57 @@ TEST_CASE("Job and Result are deduced from the processor's signature", "[correla
   defaults.flush();
   CHECK(f.get().value == 3);
 }
+
+TEST_CASE("duplicate_id names the later job, not the earlier one, also when IDs cannot be printed", "[correlation]") {
+  microbatch::Batcher printable(doubled, &Job::id, &Result::id, three_per_batch);
+  auto first = printable.submit({5, 1});
+  auto other = printable.submit({6, 2});
+  auto again = printable.submit({5, 3});
+  CHECK(first.get().value == 2);
+  CHECK(other.get().value == 4);
+  CHECK_THAT(error_message(again), Catch::Contains("job at position 2") && Catch::Contains("ID 5") &&
+                                       Catch::Contains("earlier job at position 0"));
+
+  // std::vector<bool> is hashable and comparable, but has no operator<<: no ID in the message.
+  auto bits = [](std::uint64_t id) { return std::vector<bool>{(id & 1) != 0, (id & 2) != 0}; };
+  microbatch::Batcher<Job, Result, decltype(&doubled)> opaque(
+      &doubled, [&](const Job& j) { return bits(j.id); }, [&](const Result& r) { return bits(r.id); }, three_per_batch);
+  auto one = opaque.submit({1, 1});
+  auto two = opaque.submit({2, 2});
+  auto one_again = opaque.submit({1, 3});
+  CHECK(one.get().value == 2);
+  CHECK(two.get().value == 4);
+  const std::string message = error_message(one_again);
+  CHECK_THAT(message,
+             Catch::Contains("job at position 2 of its batch has the same ID as the earlier job at position 0"));
+}
+
+TEST_CASE("a string_view result ID against a by-value string job ID never dangles", "[correlation]") {
+  struct Named {
+    std::string name;
+  };
+  struct Greeting {
+    std::string name;
+    std::string text;
+  };
+  auto greet = [](std::span<Named> people) {
+    std::vector<Greeting> out;
+    for (auto& p : people)
+      out.push_back({p.name, "hello " + p.name});
+    return out;
+  };
+  // The job ID is a fresh std::string (a temporary); the result ID a view. Keys used to be stored as
+  // the common type, std::string_view, pointing into the destroyed temporary (ASan: use after free).
+  auto job_id = [](const Named& n) { return n.name + std::string(40, '!'); };
+  auto result_id = [](const Greeting& g) {
+    thread_local std::string scratch;
+    scratch = g.name + std::string(40, '!');
+    return std::string_view(scratch);
+  };
+  microbatch::Batcher<Named, Greeting, decltype(greet)> batcher(greet, job_id, result_id,
+                                                                Options{.max_batch_size = 2, .max_batch_delay = 0s});
+  auto a = batcher.submit({"ada"});
+  auto b = batcher.submit({"grace"});
+  CHECK(a.get().text == "hello ada");
+  CHECK(b.get().text == "hello grace");
+}

@@ -142,3 +142,70 @@ TEST_CASE("abandoned futures never disturb anything", "[shutdown]") {
   CHECK(stats.jobs_completed == 1001);
   CHECK(stats.pending_jobs == 0);
 }
+
+TEST_CASE("a drain keeps enforcing deadlines until the last queued batch is taken", "[shutdown][deadlines][clock]") {
+  microbatch::manual_clock clock;
+  gate held;
+  batch_log log;
+  auto process = logged_and_gated(log, held);
+  microbatch::Batcher batcher(process, &Job::id, &Result::id,
+                              Options{.max_batch_size = 2, .max_batch_delay = 1h, .clock = &clock});
+  auto running = batcher.submit({1, 1});
+  auto running_too = batcher.submit({2, 2});
+  held.await_entered(); // batch {1, 2} holds the only processor slot
+  auto doomed = batcher.submit({3, 3}, clock.now() + 5ms);
+  std::thread drainer([&] { batcher.shutdown(); });
+  while (batcher.stats().batches_flushed == 0)
+    std::this_thread::yield(); // wait for a state: the drain has queued {3}, behind the busy slot
+  clock.advance(5ms);
+  // Before the fix the collector had exited by now and {3} failed only once a worker took it: never,
+  // while the gate is shut.
+  REQUIRE(doomed.wait_for(30s) == std::future_status::ready);
+  CHECK_THROWS_AS(doomed.get(), microbatch::deadline_exceeded);
+  CHECK_FALSE(is_ready(running));
+  held.open();
+  drainer.join();
+  CHECK(running.get().value == 2);
+  CHECK(running_too.get().value == 4);
+  CHECK_FALSE(log.saw(3));
+  CHECK(batcher.stats().jobs_expired == 1);
+}
+
+TEST_CASE("Shutdown::cancel escalates a drain in progress - queued jobs fail at once", "[shutdown]") {
+  gate held;
+  batch_log log;
+  auto process = logged_and_gated(log, held);
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 1h});
+  auto a = batcher.submit({1, 1});
+  auto b = batcher.submit({2, 2});
+  held.await_entered(); // batch {1, 2} is in the processor
+  std::vector<std::future<Result>> queued;
+  for (std::uint64_t id = 3; id <= 7; ++id)
+    queued.push_back(batcher.submit({id, 1})); // {3,4}, {5,6} queued, 7 forming
+  std::atomic<bool> drain_returned{false}, cancel_returned{false};
+  std::thread drainer([&] {
+    batcher.shutdown();
+    drain_returned = true;
+  });
+  while (batcher.stats().batches_flushed == 0)
+    std::this_thread::yield(); // wait for a state: the drain has begun (it queued {7})
+  std::thread canceller([&] {
+    batcher.shutdown(microbatch::Shutdown::cancel);
+    cancel_returned = true;
+  });
+  for (auto& f : queued) {
+    REQUIRE(f.wait_for(30s) == std::future_status::ready); // while batch 1 still holds the processor
+    CHECK_THROWS_AS(f.get(), microbatch::batcher_closed);
+  }
+  CHECK_FALSE(drain_returned.load());
+  CHECK_FALSE(cancel_returned.load()); // both return only once the batcher has stopped
+  held.open();
+  drainer.join();
+  canceller.join();
+  CHECK(a.get().value == 2);
+  CHECK(b.get().value == 4);
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{1, 2}});
+  auto stats = batcher.stats();
+  CHECK(stats.jobs_failed == 5);
+  CHECK(stats.pending_jobs == 0);
+}

@@ -186,6 +186,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   const std::uint64_t id_space = pick(8, 4096); // small spaces make duplicate IDs in a batch likely
   const bool shutdown_early = pick(0, 1) == 0;
   const auto shutdown_mode = pick(0, 1) == 0 ? microbatch::Shutdown::drain : microbatch::Shutdown::cancel;
+  const bool escalate = pick(0, 2) == 0; // an early drain is escalated by a cancel from another thread
 
   chaos_processor processor(seed ^ 0x9e3779b97f4a7c15ull);
   stress_batcher batcher(std::ref(processor), &StressJob::id, &StressResult::id, options);
@@ -268,6 +269,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   }
 
   // Chaos: flushes, cancellations and (maybe) an early shutdown, while producers run.
+  std::thread drainer;
   std::thread chaos([&] {
     std::mt19937_64 mine(seed + 1);
     auto draw = [&](std::uint64_t lo, std::uint64_t hi) {
@@ -281,7 +283,14 @@ totals run_round(std::uint64_t seed, totals& sum) {
         std::lock_guard lock(stops_mutex);
         if (!stops.empty()) stops[draw(0, stops.size() - 1)]->request_stop();
       }
-      if (shutdown_early && step == shutdown_after) batcher.shutdown(shutdown_mode);
+      if (shutdown_early && step == shutdown_after) {
+        if (escalate) {
+          drainer = std::thread([&] { batcher.shutdown(microbatch::Shutdown::drain); });
+          batcher.shutdown(microbatch::Shutdown::cancel);
+        } else {
+          batcher.shutdown(shutdown_mode);
+        }
+      }
       std::this_thread::yield();
     }
   });
@@ -289,6 +298,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   for (auto& t : threads)
     t.join();
   chaos.join();
+  if (drainer.joinable()) drainer.join();
   batcher.shutdown(shutdown_mode);
 
   CHECK(async_outcomes.outstanding.load() == 0); // every callback and coroutine ran before shutdown returned

@@ -120,7 +120,7 @@ private:
 /// (its batch could only run on the thread that is waiting for it); do not destroy the batcher from
 /// inside the processor. `shutdown` called from inside the processor begins the shutdown and returns
 /// without waiting (a thread cannot join itself).
-template <class Job, class Result, class Processor> class Batcher : private detail::runner_host<Job, Result> {
+template <class Job, class Result, class Processor> class Batcher {
   static_assert(std::is_invocable_r_v<std::vector<Result>, Processor&, std::span<Job>>,
                 "microbatch: the processor must be callable as std::vector<Result>(std::span<Job>), with the "
                 "batcher's Job and Result (see the Batcher<Job, Result, Processor> named below)");
@@ -386,7 +386,7 @@ private:
   }
 
   detail::runner_host<Job, Result>& host() noexcept {
-    return *this;
+    return runner_link_;
   }
 
   template <class MakeRunner> void start(MakeRunner&& make_runner) {
@@ -463,14 +463,14 @@ private:
 
   // ---- the one place where a job ends ----
 
-  void end_job(node_type* job, Result&& value) noexcept override {
+  void end_job(node_type* job, Result&& value) noexcept {
     if (!job->try_claim()) return job->abandon();
     jobs_completed_.fetch_add(1, std::memory_order_release);
     admission_.release();
     job->finish(std::move(value));
   }
 
-  void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept override {
+  void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept {
     if (!job->try_claim()) return job->abandon();
     count_failure(cause);
     admission_.release();
@@ -498,16 +498,24 @@ private:
     jobs_failed_.fetch_add(1, std::memory_order_release);
   }
 
-  // runner_host: what the workers' runners use.
-  [[nodiscard]] time_point now() const noexcept override {
+  [[nodiscard]] time_point now() const noexcept {
     return clock_.now();
   }
-  std::vector<Result> call_processor(std::span<Job> jobs) override {
-    return std::invoke(processor_, jobs);
-  }
-  void count_uncorrelated(std::uint64_t results) noexcept override {
-    uncorrelated_results_.fetch_add(results, std::memory_order_relaxed);
-  }
+
+  /// What the workers' runners see of the batcher (so that Batcher itself has no virtual functions).
+  struct runner_link final : detail::runner_host<Job, Result> {
+    explicit runner_link(Batcher& batcher) : owner(batcher) {}
+    Batcher& owner;
+    [[nodiscard]] time_point now() const noexcept override { return owner.now(); }
+    std::vector<Result> call_processor(std::span<Job> jobs) override { return std::invoke(owner.processor_, jobs); }
+    void end_job(node_type* job, Result&& value) noexcept override { owner.end_job(job, std::move(value)); }
+    void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept override {
+      owner.end_job(job, std::move(error), cause);
+    }
+    void count_uncorrelated(std::uint64_t results) noexcept override {
+      owner.uncorrelated_results_.fetch_add(results, std::memory_order_relaxed);
+    }
+  };
 
   // ---- the collector thread: the batcher's clock ----
 
@@ -543,7 +551,7 @@ private:
           forming_.take_arrivals(now_time, full, stopping);
           const bool flush_wanted = requests.flush_ticket > flushes_served;
           if (!forming_.empty() && (stopping || flush_wanted || forming_.due() <= now_time)) {
-            const bool timed_out = !stopping && !flush_wanted;
+            const bool timed_out = forming_.due() <= now_time; // the delay's, even if a flush came too
             dispatch(forming_.cut(), timed_out ? batches_timed_out_ : batches_flushed_);
             forming_.take_arrivals(now_time, full, stopping); // re-arms the size threshold
           }
@@ -616,6 +624,7 @@ private:
   detail::collector_clock clock_{options_.clock};
   detail::ready_queue<node_type> ready_;
   std::atomic<bool> sweep_requested_{false}; // a queued job was cancelled: the collector drops it
+  runner_link runner_link_{*this};
 
   // Counters (Stats).
   alignas(64) std::atomic<std::uint64_t> jobs_completed_{0};

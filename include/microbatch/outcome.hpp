@@ -18,16 +18,29 @@ public:
   /// True if the job ended with a result.
   [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
 
-  /// The result; rethrows the job's error when there is none. Move from it freely.
-  Result& value() {
-    if (!has_value()) std::rethrow_exception(std::get<1>(state_));
+  /// The result; rethrows the job's error when there is none. Move from it freely
+  /// (`std::move(outcome).value()` moves it out).
+  Result& value() & {
+    throw_if_error();
     return std::get<0>(state_);
+  }
+  const Result& value() const& {
+    throw_if_error();
+    return std::get<0>(state_);
+  }
+  Result&& value() && {
+    throw_if_error();
+    return std::get<0>(std::move(state_));
   }
 
   /// The job's error, or nullptr when it has a result.
   [[nodiscard]] std::exception_ptr error() const noexcept { return has_value() ? nullptr : std::get<1>(state_); }
 
 private:
+  void throw_if_error() const {
+    if (!has_value()) std::rethrow_exception(std::get<1>(state_));
+  }
+
   std::variant<Result, std::exception_ptr> state_;
 };
 

@@ -1,0 +1,174 @@
+// The batcher's parts on their own: admission, batch forming, the collector's clock, the ready queue.
+#include <catch2/catch.hpp>
+
+#include <microbatch/detail/admission.hpp>
+#include <microbatch/detail/batch_forming.hpp>
+#include <microbatch/detail/collector_clock.hpp>
+#include <microbatch/detail/ready_queue.hpp>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+struct node {
+  node* next = nullptr;
+  node* next_batch = nullptr;
+  node* batch_last = nullptr;
+  std::size_t batch_size = 0;
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::time_point::min();
+  std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  int id = 0;
+};
+using time_point = std::chrono::steady_clock::time_point;
+const time_point t0 = time_point{} + 1h;
+
+std::vector<int> ids(const microbatch::detail::job_list<node>& batch) {
+  std::vector<int> out;
+  for (node* n = batch.first; n != nullptr; n = n->next)
+    out.push_back(n->id);
+  return out;
+}
+} // namespace
+
+TEST_CASE("admission: reject counts and throws at the bound, release makes room, close refuses", "[parts]") {
+  microbatch::detail::admission gate(2, microbatch::Overflow::reject);
+  std::atomic<std::uint64_t> rejected{0};
+  gate.reserve(rejected, false);
+  gate.reserve(rejected, false);
+  CHECK_THROWS_AS(gate.reserve(rejected, false), microbatch::queue_full);
+  CHECK(rejected.load() == 1);
+  gate.release();
+  gate.reserve(rejected, false);
+  gate.throw_if_closed();
+  gate.close();
+  CHECK(gate.closed());
+  CHECK_THROWS_AS(gate.throw_if_closed(), microbatch::batcher_closed);
+}
+
+TEST_CASE("admission: block waits for a release; a batcher thread goes beyond the bound", "[parts]") {
+  microbatch::detail::admission gate(1, microbatch::Overflow::block);
+  std::atomic<std::uint64_t> rejected{0};
+  gate.reserve(rejected, false);
+  gate.reserve(rejected, true); // beyond the bound: never waits
+  auto blocked = std::async(std::launch::async, [&] { gate.reserve(rejected, false); });
+  CHECK(blocked.wait_for(0s) == std::future_status::timeout);
+  gate.release();
+  gate.release(); // now below the bound: the blocked submitter gets in
+  blocked.get();
+  auto closed_out = std::async(std::launch::async, [&] { gate.reserve(rejected, false); });
+  gate.close();
+  CHECK_THROWS_AS(closed_out.get(), microbatch::batcher_closed);
+}
+
+TEST_CASE("batch forming: the arrival that fills the batch is told so, once", "[parts]") {
+  microbatch::detail::batch_forming<node> forming(3, 10ms);
+  std::vector<node> nodes(7);
+  std::vector<std::vector<int>> full;
+  auto stamp = [](node* n) { n->arrival = t0; };
+  int told = 0;
+  for (int i = 0; i < 7; ++i) {
+    nodes[std::size_t(i)].id = i;
+    forming.push(&nodes[std::size_t(i)], stamp);
+    if (forming.count_arrival()) {
+      ++told;
+      std::lock_guard lock(forming.mutex());
+      forming.take_arrivals(t0, [&](microbatch::detail::job_list<node> batch) { full.push_back(ids(batch)); });
+    }
+  }
+  CHECK(told == 2);
+  CHECK(full == std::vector<std::vector<int>>{{0, 1, 2}, {3, 4, 5}});
+  std::lock_guard lock(forming.mutex());
+  forming.take_arrivals(t0 + 1ms, [&](auto) { FAIL("not full"); });
+  CHECK(forming.size() == 1);
+  CHECK(forming.due() == t0 + 10ms); // job 6 was first into an empty inbox: its arrival starts the batch
+  CHECK(ids(forming.cut()) == std::vector<int>{6});
+  CHECK(forming.due() == time_point::max());
+  CHECK(forming.arrivals() == 7);
+}
+
+TEST_CASE("batch forming: jobs left over from a full batch start the next one when taken", "[parts]") {
+  microbatch::detail::batch_forming<node> forming(3, 10ms);
+  std::vector<node> nodes(4);
+  bool told = false;
+  for (int i = 0; i < 4; ++i) {
+    nodes[std::size_t(i)].id = i;
+    forming.push(&nodes[std::size_t(i)], [](node* n) { n->arrival = t0; });
+    told = forming.count_arrival() || told; // no pass runs: all four wait in the inbox
+  }
+  CHECK(told);
+  std::vector<std::vector<int>> full;
+  std::lock_guard lock(forming.mutex());
+  forming.take_arrivals(t0 + 2ms, [&](microbatch::detail::job_list<node> batch) { full.push_back(ids(batch)); });
+  CHECK(full == std::vector<std::vector<int>>{{0, 1, 2}});
+  CHECK(forming.size() == 1);
+  CHECK(forming.due() == t0 + 2ms + 10ms);
+}
+
+TEST_CASE("batch forming: a batch is due max_batch_delay after its first arrival; closing refuses", "[parts]") {
+  microbatch::detail::batch_forming<node> forming(0, 5ms); // no size limit
+  node a{}, b{};
+  a.deadline = t0 + 2ms;
+  forming.push(&a, [](node* n) { n->arrival = t0; });
+  CHECK_FALSE(forming.count_arrival()); // size 0: never full
+  forming.push(&b, [](node* n) { n->arrival = t0 + 3ms; });
+  std::lock_guard lock(forming.mutex());
+  forming.take_arrivals(
+      t0 + 4ms, [&](auto) { FAIL("no size limit"); }, true);
+  CHECK(forming.due() == t0 + 5ms);
+  CHECK(forming.earliest_deadline() == t0 + 2ms);
+  node late{};
+  CHECK(forming.push(&late, [](node*) {}) == microbatch::detail::batch_forming<node>::push_result::closed);
+  CHECK(forming.size() == 2);
+}
+
+TEST_CASE("collector clock: only a sooner time lowers the plan and wakes the sleeper", "[parts]") {
+  microbatch::manual_clock source;
+  microbatch::detail::collector_clock clock(&source);
+  clock.plan(source.now() + 10ms);
+  clock.wake_by(source.now() + 20ms); // later than planned: nothing to do
+  auto sleeper = std::async(std::launch::async, [&] { clock.sleep(); });
+  source.await_timers(1);
+  CHECK(source.next_timer() == source.now() + 10ms);
+  clock.wake_by(source.now() + 1ms); // sooner: wakes it
+  sleeper.get();
+  auto round = clock.begin_round();
+  CHECK_FALSE(round.shutdown.has_value());
+  clock.request_shutdown(microbatch::Shutdown::drain);
+  clock.request_shutdown(microbatch::Shutdown::cancel); // a cancel overrides a drain
+  CHECK(clock.begin_round().shutdown == microbatch::Shutdown::cancel);
+  const auto ticket = clock.request_flush();
+  CHECK(clock.begin_round().flush_ticket == ticket);
+  clock.flushed(ticket, true);
+  clock.await_flush(ticket);         // served: returns
+  CHECK(clock.request_flush() == 0); // exited: nothing more to flush
+}
+
+TEST_CASE("ready queue: first in first out; hold stops workers; finish lets them exit", "[parts]") {
+  microbatch::detail::ready_queue<node> ready;
+  std::vector<node> nodes(3);
+  for (int i = 0; i < 3; ++i) {
+    nodes[std::size_t(i)].id = i;
+    microbatch::detail::job_list<node> batch;
+    batch.push_back(&nodes[std::size_t(i)]);
+    ready.push(batch);
+  }
+  microbatch::detail::job_list<node> taken;
+  bool emptied = false;
+  REQUIRE(ready.pop(taken, emptied));
+  CHECK(ids(taken) == std::vector<int>{0});
+  CHECK_FALSE(emptied);
+  ready.hold();
+  auto worker = std::async(std::launch::async, [&] {
+    microbatch::detail::job_list<node> mine;
+    bool now_empty = false;
+    return ready.pop(mine, now_empty);
+  });
+  CHECK(worker.wait_for(0s) == std::future_status::timeout);
+  microbatch::detail::job_list<node> removed;
+  ready.remove_if([](node* n) { return n->id == 1; }, removed);
+  CHECK(ids(removed) == std::vector<int>{1});
+  ready.finish();
+  CHECK_FALSE(worker.get()); // held and finished: the worker exits without taking batch {2}
+  CHECK_FALSE(ready.empty());
+}
