@@ -42,7 +42,7 @@ int main() {
                               microbatch::Options{.max_batch_size = 3, .max_batch_delay = 10ms});
 
   std::mutex print_mutex;
-  std::vector<std::jthread> callers;
+  std::vector<std::thread> callers;
   for (int i = 1; i <= 5; ++i) {
     callers.emplace_back([&, i] {
       const std::string id = std::to_string(i);
@@ -51,7 +51,8 @@ int main() {
       std::printf("caller %s got: %s\n", id.c_str(), result.response.c_str());
     });
   }
-  callers.clear(); // join the callers
+  for (auto& caller : callers)
+    caller.join();
   batcher.shutdown();
 
   const microbatch::Stats stats = batcher.stats();

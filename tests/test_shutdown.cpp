@@ -34,8 +34,10 @@ TEST_CASE("submit and execute_job after shutdown throw batcher_closed", "[shutdo
   CHECK_THROWS_AS(batcher.submit({1, 1}), microbatch::batcher_closed);
   CHECK_THROWS_AS(batcher.submit({1, 1}, std::chrono::steady_clock::now() - 1s), microbatch::batcher_closed);
   CHECK_THROWS_AS(batcher.execute_job({1, 1}), microbatch::batcher_closed);
+#if defined(__cpp_lib_jthread)
   std::stop_source stop;
   CHECK_THROWS_AS(batcher.execute_job({1, 1}, stop.get_token()), microbatch::batcher_closed);
+#endif
   batcher.flush(); // no effect, no hang
   CHECK(batcher.stats().jobs_submitted == 0);
 }
