@@ -398,7 +398,8 @@ TEST_CASE("a reload that meets its own queued fetch in one batch never sees dupl
 TEST_CASE("after shutdown cached keys still load; uncached keys get batcher_closed", "[data_loader][shutdown]") {
   fetch_log log;
   auto process = recording(log);
-  microbatch::DataLoader loader(process, &Result::id, DataLoaderOptions{.batching = one_at_a_time});
+  // max_cached = 1: a load of an uncached key after shutdown must not evict the cached one.
+  microbatch::DataLoader loader(process, &Result::id, DataLoaderOptions{.batching = one_at_a_time, .max_cached = 1});
   const auto& cached = loader.load(1).get();
   loader.shutdown();
   loader.shutdown(); // idempotent
@@ -406,8 +407,10 @@ TEST_CASE("after shutdown cached keys still load; uncached keys get batcher_clos
   CHECK(loader.get(1).value == 10);
   CHECK_THROWS_AS(loader.load(2).get(), microbatch::batcher_closed);
   CHECK_THROWS_AS(loader.get(2), microbatch::batcher_closed);
+  CHECK(&loader.load(1).get() == &cached);
   auto stats = loader.stats();
   CHECK(stats.cached == 1);
+  CHECK(stats.evictions == 0);
   CHECK(stats.misses == 3);
   CHECK(log.fetches(2) == 0);
 }
