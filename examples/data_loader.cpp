@@ -93,7 +93,7 @@ int main() {
     distinct.insert(database.at(id).friends.begin(), database.at(id).friends.end());
   }
   std::printf("one fetch per user: %d fetches\n", naive_fetches);
-  std::printf("DataLoader:         %d fetches (one per level), %d users fetched, %llu loads from the cache\n",
+  std::printf("DataLoader:         %d fetches for 2 levels, %d users fetched, %llu loads from the cache\n",
               loader_fetches, users_fetched.load(), static_cast<unsigned long long>(stats.hits));
 
   const bool as_expected = naive_fetches == static_cast<int>(lookups) && loader_fetches == 2 &&
