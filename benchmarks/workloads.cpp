@@ -1,4 +1,4 @@
-// microbatch vs the baseline (benchmarks/baseline), workloads W1-W5, side by side in one binary and run.
+// microbatch vs the baseline (benchmarks/baseline), workloads W1-W7, side by side in one binary and run.
 //
 // Job = {uint64 id}, Result = {uint64 id}, correlated by id; the processor returns one result per job
 // with the same id and no sleep; every result is checked. Timings are wall-clock (manual time), and
@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <coroutine>
 #include <cstdint>
@@ -26,8 +27,12 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <optional>
+#include <random>
+#include <span>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "baseline/baseline_batcher.hpp"
@@ -444,6 +449,133 @@ template <class B> void w4_full_batches(benchmark::State& state) {
   record(state, w, impl, "p99 us", percentile(latencies_us, 0.99), false);
 }
 
+// W7: DataLoader. 64 threads make 1,000,000 loads over 10,000 keys drawn from a Zipf distribution
+// (s = 1.0; drawn before timing from a seeded std::mt19937_64, so every run and implementation loads
+// the same sequence). Each thread makes its loads (keeping the futures), then checks every answer; the
+// time runs from the common start until every thread has checked its last answer. Compared, each in
+// front of the same microbatch::Batcher (default options: size 64, delay 1 ms): a plain std::mutex
+// around one std::unordered_map<key, std::shared_future> (the Go seed's design, written out below),
+// microbatch::DataLoader unbounded, and microbatch::DataLoader with max_cached = 1000.
+struct KeyEcho {
+  std::vector<Result> operator()(std::span<std::uint64_t> keys) const {
+    std::vector<Result> results;
+    results.reserve(keys.size());
+    for (std::uint64_t key : keys)
+      results.push_back({key});
+    return results;
+  }
+};
+
+class plain_map_loader {
+public:
+  plain_map_loader()
+      : batcher_(
+            KeyEcho{}, [](std::uint64_t key) { return key; }, &Result::id, microbatch::Options{}) {}
+
+  std::shared_future<Result> load(std::uint64_t key) {
+    std::lock_guard lock(mutex_);
+    if (auto found = cache_.find(key); found != cache_.end()) {
+      ++hits_;
+      return found->second;
+    }
+    ++misses_;
+    std::shared_future<Result> future = batcher_.submit(key).share();
+    cache_.emplace(key, future);
+    return future;
+  }
+  double hit_rate() {
+    std::lock_guard lock(mutex_);
+    return double(hits_) / double(hits_ + misses_);
+  }
+
+private:
+  std::mutex mutex_;
+  std::unordered_map<std::uint64_t, std::shared_future<Result>> cache_; // guarded by mutex_
+  std::uint64_t hits_ = 0;                                              // guarded by mutex_
+  std::uint64_t misses_ = 0;                                            // guarded by mutex_
+  microbatch::Batcher<std::uint64_t, Result, KeyEcho> batcher_;
+};
+
+using data_loader = microbatch::DataLoader<std::uint64_t, Result, KeyEcho>;
+
+std::vector<std::uint64_t> zipf_keys(std::size_t count, std::size_t keys, double s, std::uint64_t seed) {
+  std::vector<double> cdf(keys);
+  double sum = 0;
+  for (std::size_t rank = 0; rank < keys; ++rank)
+    cdf[rank] = sum += 1.0 / std::pow(double(rank + 1), s);
+  std::mt19937_64 random(seed);
+  std::vector<std::uint64_t> drawn(count);
+  for (auto& key : drawn) {
+    const double u = double(random() >> 11) * 0x1.0p-53 * sum;                      // uniform in [0, sum)
+    key = std::uint64_t(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin()); // key = rank, 0 the most loaded
+    key = std::min<std::uint64_t>(key, keys - 1);
+  }
+  return drawn;
+}
+
+const std::vector<std::uint64_t>& w7_keys() {
+  static const std::vector<std::uint64_t> keys = zipf_keys(smoke ? 6'400 : 1'000'000, smoke ? 2'000 : 10'000, 1.0, 7);
+  return keys;
+}
+
+// variant: 0 = plain map, 1 = DataLoader unbounded, 2 = DataLoader max_cached = 1000.
+void w7_data_loader(benchmark::State& state) {
+  const int variant = static_cast<int>(state.range(0));
+  const int threads = 64;
+  const auto& keys = w7_keys();
+  const std::size_t each = keys.size() / threads;
+  double total_s = 0, total_loads = 0, hit_rate = 0;
+  for (auto _ : state) {
+    std::optional<plain_map_loader> plain_loader;
+    std::optional<data_loader> loader;
+    if (variant == 0) {
+      plain_loader.emplace();
+    } else {
+      loader.emplace(KeyEcho{}, &Result::id, microbatch::DataLoaderOptions{.max_cached = variant == 2 ? 1000u : 0u});
+    }
+    std::latch start(threads + 1);
+    std::atomic<bool> wrong{false};
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        const std::uint64_t* mine = keys.data() + std::size_t(t) * each;
+        std::vector<std::shared_future<Result>> futures;
+        futures.reserve(each);
+        start.arrive_and_wait();
+        for (std::size_t i = 0; i < each; ++i)
+          futures.push_back(variant == 0 ? plain_loader->load(mine[i]) : loader->load(mine[i]));
+        for (std::size_t i = 0; i < each; ++i)
+          if (futures[i].get().id != mine[i]) wrong = true;
+      });
+    }
+    const auto t0 = clock_type::now();
+    start.arrive_and_wait();
+    for (auto& worker : workers)
+      worker.join();
+    const double elapsed = seconds_between(t0, clock_type::now());
+    if (variant == 0) {
+      hit_rate = plain_loader->hit_rate();
+    } else {
+      const auto stats = loader->stats();
+      hit_rate = double(stats.hits) / double(stats.hits + stats.misses);
+    }
+    if (wrong) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_loads += double(each) * threads;
+  }
+  const double loads_per_s = total_loads / total_s;
+  // The plain map is the baseline column of both DataLoader rows.
+  std::vector<const char*> rows;
+  if (variant != 2) rows.push_back("W7 DataLoader unbounded");
+  if (variant != 1) rows.push_back("W7 DataLoader max 1000");
+  for (const char* workload : rows) {
+    const char* impl = variant == 0 ? "baseline" : "microbatch";
+    record(state, workload, impl, "loads/s", loads_per_s, true);
+    record(state, workload, impl, "hit rate", hit_rate, true);
+  }
+}
+
 // Each workload runs against the baseline, then microbatch, one after the other in the same process.
 void register_all() {
   const int iterations = smoke ? 1 : 3;
@@ -465,6 +597,13 @@ void register_all() {
   both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
   benchmark::RegisterBenchmark("W3_timer_accuracy/parts", w3_parts)->UseManualTime()->Iterations(1);
   both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
+  for (auto [variant, name] :
+       {std::pair{0, "plain_mutex_map"}, std::pair{1, "unbounded"}, std::pair{2, "max_cached_1000"}})
+    benchmark::RegisterBenchmark((std::string("W7_data_loader/") + name).c_str(), w7_data_loader)
+        ->Arg(variant)
+        ->UseManualTime()
+        ->Iterations(iterations)
+        ->Unit(benchmark::kMillisecond);
   for (int style : {0, 1, 2})
     benchmark::RegisterBenchmark("W6_64_requests/microbatch", w6_request_styles)
         ->Arg(style)
@@ -495,6 +634,11 @@ void print_table() {
   if (!w3_parts_summary.empty()) std::printf("%s\n", w3_parts_summary.c_str());
   for (const auto& [style, rate] : w6_jobs_per_s)
     std::printf("W6 64 concurrent requests, closed loop, microbatch: %-24s %.6g jobs/s\n", style.c_str(), rate);
+  if (table.count("W7 DataLoader unbounded") != 0)
+    std::printf(
+        "W7: baseline = one std::mutex around an unordered_map of shared_futures in front of the same batcher;\n"
+        "    microbatch = microbatch::DataLoader (64 threads, %zu loads, Zipf s=1 over %d keys)\n",
+        w7_keys().size(), smoke ? 2'000 : 10'000);
 }
 
 } // namespace
