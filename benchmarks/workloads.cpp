@@ -8,6 +8,7 @@
 
 #include <benchmark/benchmark.h>
 #include <malloc.h>
+#include <sys/resource.h>
 #if defined(__linux__)
 #include <sys/prctl.h>
 #endif
@@ -116,14 +117,15 @@ template <class B> constexpr const char* impl_name() {
 
 bool smoke = false;
 
-// The figures for the final table: workload -> metric -> implementation -> value.
-std::map<std::string, std::map<std::string, std::map<std::string, double>>> table;
+// The figures for the final table: workload -> metric -> implementation -> one value per run (the
+// table prints the median of the alternated runs).
+std::map<std::string, std::map<std::string, std::map<std::string, std::vector<double>>>> table;
 std::map<std::string, bool> higher_is_better;
 
 void record(benchmark::State& state, const std::string& workload, const char* impl, const std::string& metric,
             double value, bool higher_better) {
   state.counters[metric] = value;
-  table[workload][metric][impl] = value;
+  table[workload][metric][impl].push_back(value);
   higher_is_better[metric] = higher_better;
 }
 
@@ -136,6 +138,13 @@ double percentile(std::vector<double>& values, double p) {
   std::sort(values.begin(), values.end());
   const auto index = static_cast<std::size_t>(p * double(values.size() - 1) + 0.5);
   return values[std::min(index, values.size() - 1)];
+}
+
+// Voluntary + involuntary context switches of the whole process so far (getrusage).
+double context_switches() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return double(usage.ru_nvcsw + usage.ru_nivcsw);
 }
 
 // W1 and W4: P producers, released together, each calling execute_job n times in a row.
@@ -173,16 +182,21 @@ bool closed_loop(B& batcher, int producers, int jobs_each, double& elapsed_s, st
 template <class B> void w1_closed_loop(benchmark::State& state) {
   const int producers = static_cast<int>(state.range(0));
   const int jobs_each = smoke ? 20 : producers >= 64 ? 2000 : 400;
-  double total_s = 0, total_jobs = 0;
+  double total_s = 0, total_jobs = 0, switches = 0, batches = 0;
   for (auto _ : state) {
     B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = 1ms});
     double elapsed = 0;
+    const double switches_before = context_switches();
     if (!closed_loop(batcher, producers, jobs_each, elapsed, nullptr)) state.SkipWithError("wrong result");
+    switches += context_switches() - switches_before;
+    batches += double(batcher.stats().batches);
     state.SetIterationTime(elapsed);
     total_s += elapsed;
     total_jobs += double(producers) * jobs_each;
   }
-  record(state, "W1 closed loop P=" + std::to_string(producers), impl_name<B>(), "jobs/s", total_jobs / total_s, true);
+  const std::string w = "W1 closed loop P=" + std::to_string(producers);
+  record(state, w, impl_name<B>(), "jobs/s", total_jobs / total_s, true);
+  record(state, w, impl_name<B>(), "ctx switches/batch", switches / batches, false);
 }
 
 template <class B> void w2_open_loop(benchmark::State& state) {
@@ -433,11 +447,14 @@ template <class B> void w4_full_batches(benchmark::State& state) {
   const int producers = 64;
   const int jobs_each = smoke ? 10 : 500;
   std::vector<double> latencies_us;
-  double total_s = 0, total_jobs = 0;
+  double total_s = 0, total_jobs = 0, switches = 0, batches = 0;
   for (auto _ : state) {
     B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = 100ms});
     double elapsed = 0;
+    const double switches_before = context_switches();
     if (!closed_loop(batcher, producers, jobs_each, elapsed, &latencies_us)) state.SkipWithError("wrong result");
+    switches += context_switches() - switches_before;
+    batches += double(batcher.stats().batches);
     state.SetIterationTime(elapsed);
     total_s += elapsed;
     total_jobs += double(producers) * jobs_each;
@@ -447,6 +464,108 @@ template <class B> void w4_full_batches(benchmark::State& state) {
   record(state, w, impl, "jobs/s", total_jobs / total_s, true);
   record(state, w, impl, "p50 us", percentile(latencies_us, 0.50), false);
   record(state, w, impl, "p99 us", percentile(latencies_us, 0.99), false);
+  record(state, w, impl, "ctx switches/batch", switches / batches, false);
+}
+
+// W1co and W4co: 64 coroutines started from one thread, each awaiting async_execute_job n times in a
+// row (size 64; delay 1 ms for W1co, 100 ms for W4co, so that every W4co batch fills). Per-job latency
+// from just before the co_await to the resumption. Context switches per batch from getrusage.
+template <class B>
+coroutine_task timed_coroutine(B& batcher, std::uint64_t request, int jobs, std::atomic<bool>& wrong,
+                               std::vector<double>* latencies_us, std::latch& done) {
+  for (int i = 0; i < jobs; ++i) {
+    const std::uint64_t id = (request << 32) | std::uint64_t(i);
+    const auto t0 = clock_type::now();
+    if ((co_await batcher.async_execute_job({id})).id != id) wrong = true;
+    if (latencies_us != nullptr) latencies_us->push_back(seconds_between(t0, clock_type::now()) * 1e6);
+  }
+  done.count_down();
+}
+
+template <class B> void coroutine_closed_loop(benchmark::State& state, const std::string& workload,
+                                              std::chrono::nanoseconds delay, bool latencies) {
+  const int requests = 64;
+  const int jobs_each = smoke ? 20 : 2000;
+  double total_s = 0, total_jobs = 0, switches = 0, batches = 0;
+  std::vector<std::vector<double>> latencies_us(requests);
+  for (auto _ : state) {
+    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = delay});
+    std::atomic<bool> wrong{false};
+    std::latch done(requests);
+    const double switches_before = context_switches();
+    const auto t0 = clock_type::now();
+    for (int r = 0; r < requests; ++r)
+      timed_coroutine(batcher, std::uint64_t(r), jobs_each, wrong,
+                      latencies ? &latencies_us[std::size_t(r)] : nullptr, done);
+    done.wait();
+    const double elapsed = seconds_between(t0, clock_type::now());
+    switches += context_switches() - switches_before;
+    batches += double(batcher.stats().batches);
+    if (wrong) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(requests) * jobs_each;
+  }
+  const char* impl = impl_name<B>();
+  record(state, workload, impl, "jobs/s", total_jobs / total_s, true);
+  record(state, workload, impl, "ctx switches/batch", switches / batches, false);
+  if (latencies) {
+    std::vector<double> all;
+    for (auto& v : latencies_us)
+      all.insert(all.end(), v.begin(), v.end());
+    record(state, workload, impl, "p50 us", percentile(all, 0.50), false);
+    record(state, workload, impl, "p99 us", percentile(all, 0.99), false);
+  }
+}
+
+template <class B> void w1co(benchmark::State& state) {
+  coroutine_closed_loop<B>(state, "W1co 64 coroutines", 1ms, false);
+}
+template <class B> void w4co(benchmark::State& state) {
+  coroutine_closed_loop<B>(state, "W4co 64 coroutines", 100ms, true);
+}
+
+// W2cb: one thread submits 1,000,000 jobs, each with a small callback that checks the id and counts;
+// then waits until every callback ran. Size 1000, delay 10 ms. Heap per pending job as in W5.
+template <class B> void w2cb(benchmark::State& state) {
+  const std::size_t jobs = smoke ? 5000 : 1000000;
+  double total_s = 0, total_jobs = 0, peak_bytes = 0, rss_kib = 0, switches = 0, batches = 0;
+  for (auto _ : state) {
+    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
+    { std::ofstream("/proc/self/clear_refs") << "5"; } // resets the peak RSS (VmHWM)
+    heap::live = 0;
+    heap::peak = 0;
+    heap::track_peak = true;
+    std::atomic<std::size_t> ran{0}, wrong{0};
+    std::latch all_ran(static_cast<std::ptrdiff_t>(jobs));
+    const double switches_before = context_switches();
+    const auto t0 = clock_type::now();
+    for (std::size_t i = 0; i < jobs; ++i)
+      batcher.submit({i}, [&, i](microbatch::Outcome<Result>&& outcome) {
+        if (!outcome.has_value() || outcome.value().id != i) wrong.fetch_add(1, std::memory_order_relaxed);
+        ran.fetch_add(1, std::memory_order_relaxed);
+        all_ran.count_down();
+      });
+    all_ran.wait();
+    const double elapsed = seconds_between(t0, clock_type::now());
+    switches += context_switches() - switches_before;
+    batches += double(batcher.stats().batches);
+    heap::track_peak = false;
+    peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("VmHWM:", 0) == 0) rss_kib = std::max(rss_kib, std::strtod(line.c_str() + 6, nullptr));
+    if (wrong.load() != 0 || ran.load() != jobs) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(jobs);
+  }
+  const std::string w = "W2cb callbacks 1M";
+  const char* impl = impl_name<B>();
+  record(state, w, impl, "jobs/s", total_jobs / total_s, true);
+  record(state, w, impl, "peak heap bytes/pending job", peak_bytes / double(jobs), false);
+  record(state, w, impl, "peak RSS MiB", rss_kib / 1024.0, false);
+  record(state, w, impl, "ctx switches/batch", switches / batches, false);
 }
 
 // W7: DataLoader. 64 threads make 1,000,000 loads over 10,000 keys drawn from a Zipf distribution
@@ -576,39 +695,47 @@ void w7_data_loader(benchmark::State& state) {
   }
 }
 
-// Each workload runs against the baseline, then microbatch, one after the other in the same process.
+// Each workload runs `runs` times against the baseline and microbatch, alternated (baseline, microbatch,
+// baseline, ...) in the same process, one iteration each; the table shows the medians.
+int runs = 3;
 void register_all() {
-  const int iterations = smoke ? 1 : 3;
-  auto both = [&](const std::string& workload, auto baseline_fn, auto microbatch_fn, int runs, int arg) {
-    for (auto [impl, fn] : {std::pair<const char*, void (*)(benchmark::State&)>{"baseline", baseline_fn},
-                            std::pair<const char*, void (*)(benchmark::State&)>{"microbatch", microbatch_fn}}) {
-      auto* b = benchmark::RegisterBenchmark((workload + "/" + impl).c_str(), fn);
-      if (arg >= 0) b->Arg(arg);
-      b->UseManualTime()->Iterations(runs)->Unit(benchmark::kMillisecond);
+  runs = smoke ? 1 : 3;
+  auto both = [&](const std::string& workload, auto baseline_fn, auto microbatch_fn, int arg) {
+    for (int run = 0; run < runs; ++run) {
+      for (auto [impl, fn] : {std::pair<const char*, void (*)(benchmark::State&)>{"baseline", baseline_fn},
+                              std::pair<const char*, void (*)(benchmark::State&)>{"microbatch", microbatch_fn}}) {
+        auto* b = benchmark::RegisterBenchmark((workload + "/" + impl).c_str(), fn);
+        if (arg >= 0) b->Arg(arg);
+        b->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+      }
     }
   };
   for (int producers : {1, 2, 8, 64})
-    both("W1_closed_loop", w1_closed_loop<plain>, w1_closed_loop<ours>, iterations, producers);
-  both("W2_open_loop", w2_open_loop<plain>, w2_open_loop<ours>, iterations, -1);
+    both("W1_closed_loop", w1_closed_loop<plain>, w1_closed_loop<ours>, producers);
+  both("W1co_64_coroutines", w1co<plain>, w1co<ours>, -1);
+  both("W2_open_loop", w2_open_loop<plain>, w2_open_loop<ours>, -1);
   benchmark::RegisterBenchmark("W2_open_loop/std_promise_floor", w2_promise_floor)
       ->UseManualTime()
-      ->Iterations(iterations)
+      ->Iterations(runs)
       ->Unit(benchmark::kMillisecond);
-  both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, 1, -1);
+  both("W2cb_callbacks", w2cb<plain>, w2cb<ours>, -1);
+  both("W3_timer_accuracy", w3_timer_accuracy<plain>, w3_timer_accuracy<ours>, -1);
   benchmark::RegisterBenchmark("W3_timer_accuracy/parts", w3_parts)->UseManualTime()->Iterations(1);
-  both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, iterations, -1);
-  for (auto [variant, name] :
-       {std::pair{0, "plain_mutex_map"}, std::pair{1, "unbounded"}, std::pair{2, "max_cached_1000"}})
-    benchmark::RegisterBenchmark((std::string("W7_data_loader/") + name).c_str(), w7_data_loader)
-        ->Arg(variant)
-        ->UseManualTime()
-        ->Iterations(iterations)
-        ->Unit(benchmark::kMillisecond);
+  both("W4_full_batches", w4_full_batches<plain>, w4_full_batches<ours>, -1);
+  both("W4co_64_coroutines", w4co<plain>, w4co<ours>, -1);
+  for (int run = 0; run < runs; ++run)
+    for (auto [variant, name] :
+         {std::pair{0, "plain_mutex_map"}, std::pair{1, "unbounded"}, std::pair{2, "max_cached_1000"}})
+      benchmark::RegisterBenchmark((std::string("W7_data_loader/") + name).c_str(), w7_data_loader)
+          ->Arg(variant)
+          ->UseManualTime()
+          ->Iterations(1)
+          ->Unit(benchmark::kMillisecond);
   for (int style : {0, 1, 2})
     benchmark::RegisterBenchmark("W6_64_requests/microbatch", w6_request_styles)
         ->Arg(style)
         ->UseManualTime()
-        ->Iterations(iterations)
+        ->Iterations(runs)
         ->Unit(benchmark::kMillisecond);
 }
 
@@ -618,7 +745,9 @@ void print_table() {
     for (const auto& [metric, by_impl] : metrics) {
       auto get = [&](const char* impl) {
         auto it = by_impl.find(impl);
-        return it == by_impl.end() ? -1.0 : it->second;
+        if (it == by_impl.end()) return -1.0;
+        auto runs = it->second;
+        return percentile(runs, 0.5); // the median run
       };
       const double base = get("baseline"), ours_value = get("microbatch");
       // ratio > 1 means microbatch is better: faster, or less latency / memory.
@@ -627,8 +756,9 @@ void print_table() {
       std::printf("%-24s %-28s %14.6g %14.6g %7.2fx\n", workload.c_str(), metric.c_str(), base, ours_value, ratio);
     }
   }
-  std::printf(
-      "(ratio > 1: microbatch is better; for latency, memory and allocations the ratio is baseline/microbatch)\n");
+  std::printf("(medians of %d alternated runs; ratio > 1: microbatch is better; for latency, memory, allocations\n"
+              " and context switches the ratio is baseline/microbatch)\n",
+              runs);
   if (promise_floor_jobs_per_s > 0)
     std::printf("W2 floor: std::promise/std::future alone, no batcher: %.6g jobs/s\n", promise_floor_jobs_per_s);
   if (!w3_parts_summary.empty()) std::printf("%s\n", w3_parts_summary.c_str());
