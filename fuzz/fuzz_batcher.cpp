@@ -87,6 +87,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     options.overflow = microbatch::Overflow::reject; // a single-threaded driver must never block
   }
   options.clock = &clock;
+  options.dispatch_when_idle = in.byte() % 2 == 0;
+  std::atomic<std::uint64_t> observed_jobs{0};
+  options.on_batch = [&observed_jobs](const microbatch::BatchInfo& info) {
+    if (info.size == 0) std::abort(); // only batches that reached the processor are reported
+    observed_jobs.fetch_add(info.size);
+  };
 
   struct submitted {
     std::future<Result> future;

@@ -4,7 +4,10 @@
 #include <microbatch/detail/admission.hpp>
 #include <microbatch/detail/batch_forming.hpp>
 #include <microbatch/detail/collector_clock.hpp>
+#include <microbatch/detail/histogram.hpp>
 #include <microbatch/detail/ready_queue.hpp>
+
+#include <cmath>
 
 #include "support.hpp"
 
@@ -16,6 +19,7 @@ struct node {
   node* next_batch = nullptr;
   node* batch_last = nullptr;
   std::size_t batch_size = 0;
+  microbatch::Trigger batch_trigger = microbatch::Trigger::size;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::time_point::min();
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   int id = 0;
@@ -171,4 +175,18 @@ TEST_CASE("ready queue: first in first out; hold stops workers; finish lets them
   ready.finish();
   CHECK_FALSE(worker.get()); // held and finished: the worker exits without taking batch {2}
   CHECK_FALSE(ready.empty());
+}
+
+TEST_CASE("histogram: p50 and p99 within 5%, max exact, zero when empty", "[parts]") {
+  microbatch::detail::histogram h;
+  CHECK(h.percentiles().max == 0ns);
+  for (int i = 1; i <= 1000; ++i)
+    h.record(std::chrono::microseconds(i));
+  const auto p = h.percentiles();
+  CHECK(p.max == 1000us);
+  CHECK(std::abs(double(p.p50.count()) - 500e3) <= 0.05 * 500e3);
+  CHECK(std::abs(double(p.p99.count()) - 990e3) <= 0.05 * 990e3);
+  microbatch::detail::histogram small;
+  small.record(7ns);
+  CHECK(small.percentiles().p50 == 7ns); // below 32 ns every value has its own bucket
 }

@@ -57,6 +57,8 @@ public:
   explicit chaos_processor(std::uint64_t seed) : random_(seed) {}
 
   std::vector<StressResult> operator()(std::span<StressJob> jobs) {
+    calls_.fetch_add(1);
+    jobs_seen_.fetch_add(jobs.size());
     int fault;
     std::uint64_t stray_ids, stall_us;
     {
@@ -105,6 +107,8 @@ public:
   }
 
   std::atomic<std::uint64_t> faults_{0};
+  std::atomic<std::uint64_t> calls_{0};     // processor calls
+  std::atomic<std::uint64_t> jobs_seen_{0}; // jobs handed to it
   std::atomic<std::uint64_t> injected_uncorrelated_{0};
 
 private:
@@ -189,6 +193,12 @@ totals run_round(std::uint64_t seed, totals& sum) {
   options.max_concurrent_batches = pick(1, 3);
   if (pick(0, 2) == 0) options.max_pending_jobs = std::max<std::size_t>(options.max_batch_size, 1) * pick(1, 4);
   options.overflow = pick(0, 1) == 0 ? microbatch::Overflow::block : microbatch::Overflow::reject;
+  options.dispatch_when_idle = pick(0, 2) == 0;
+  std::atomic<std::uint64_t> observed_batches{0}, observed_jobs{0};
+  options.on_batch = [&](const microbatch::BatchInfo& info) {
+    observed_batches.fetch_add(1);
+    observed_jobs.fetch_add(info.size);
+  };
   const int producers = int(pick(2, 6));
   const int jobs_each = int(pick(50, 400));
   const std::uint64_t id_space = pick(8, 4096); // small spaces make duplicate IDs in a batch likely
@@ -326,6 +336,8 @@ totals run_round(std::uint64_t seed, totals& sum) {
   CHECK(all.unexpected_cancel == 0);
   CHECK(all.unexpected_expiry == 0);
   CHECK(stats.pending_jobs == 0);
+  CHECK(observed_batches.load() == processor.calls_.load()); // on_batch: once per processor call
+  CHECK(observed_jobs.load() == processor.jobs_seen_.load());
   CHECK(stats.jobs_completed == all.values);
   CHECK(stats.jobs_submitted == stats.jobs_completed + stats.jobs_failed);
   CHECK(stats.jobs_expired == all.expired);

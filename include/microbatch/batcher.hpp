@@ -39,6 +39,7 @@
 #include "detail/batch_runner.hpp"
 #include "detail/collector_clock.hpp"
 #include "detail/correlation.hpp"
+#include "detail/histogram.hpp"
 #include "detail/job_node.hpp"
 #include "detail/ready_queue.hpp"
 #include "detail/slot_pool.hpp"
@@ -49,10 +50,13 @@
 namespace microbatch {
 
 namespace detail {
-/// The parameter of `async_execute_job`. It exists for g++ 11 and 12, which destroy an aggregate
-/// temporary inside a `co_await` expression twice (`co_await b.async_execute_job({id})` with a job that
-/// owns memory crashed): a braced job becomes this class's constructor arguments instead, and the
-/// aggregate is built inside the constructor, outside the coroutine. Named and moved jobs pass through.
+/// The parameter of `async_execute_job` with g++. It exists because g++ (seen with 11 and 12) destroys
+/// an aggregate temporary inside a `co_await` expression twice (`co_await b.async_execute_job({id})`
+/// with a job that owns memory crashed): a braced job becomes this class's constructor arguments
+/// instead, and the job is built inside the constructor (parenthesised aggregate initialisation,
+/// which g++ has from version 10), outside the coroutine. Named and moved jobs pass through. clang
+/// has no such bug and takes `Job` itself (so every brace form works there, nested ones included).
+#if defined(__GNUC__) && !defined(__clang__)
 template <class Job> class job_argument {
 public:
   job_argument(Job&& job) : job_(std::move(job)) {} // NOLINT(google-explicit-constructor)
@@ -75,6 +79,17 @@ private:
   }
   Job job_;
 };
+#else
+template <class Job> using job_argument = Job;
+#endif
+
+template <class Job> Job&& take_job(job_argument<Job>& job) noexcept {
+  if constexpr (std::is_same_v<job_argument<Job>, Job>) {
+    return std::move(job);
+  } else {
+    return job.take();
+  }
+}
 } // namespace detail
 
 /// Collects jobs submitted one at a time by any number of threads into batches, hands each batch to
@@ -82,7 +97,8 @@ private:
 ///
 /// Behaviour
 /// - A batch is dispatched when it holds `max_batch_size` jobs, when `max_batch_delay` has passed since
-///   its first job arrived, or on `flush()` / `shutdown()`.
+///   its first job arrived, or on `flush()` / `shutdown()`; with `dispatch_when_idle`, also whenever a
+///   processor slot is free and jobs wait. `Options::on_batch` hears about every processed batch.
 /// - Threads: the thread whose job fills a batch dispatches it (no hand-off to another thread). One
 ///   collector thread is the batcher's clock: it dispatches batches whose delay passed, fails jobs
 ///   whose deadline passed, serves `flush` and `shutdown`. `max_concurrent_batches` worker threads call
@@ -301,7 +317,7 @@ public:
   /// the awaiting thread blocks until there is room. Accepts a named job, a moved one, or a braced
   /// one (`async_execute_job({id, ...})`); see the README for g++ 11/12 and `Job{...}`. Thread-safe.
   [[nodiscard]] job_awaiter async_execute_job(detail::job_argument<Job> job) {
-    return job_awaiter(*this, job.take());
+    return job_awaiter(*this, detail::take_job<Job>(job));
   }
 
   /// Dispatches the batch being formed now, if it has jobs, including every job submitted before this
@@ -351,7 +367,14 @@ public:
     s.batches_full = batches_full_.load(std::memory_order_relaxed);
     s.batches_timed_out = batches_timed_out_.load(std::memory_order_relaxed);
     s.batches_flushed = batches_flushed_.load(std::memory_order_relaxed);
-    s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed;
+    s.batches_idle = batches_idle_.load(std::memory_order_relaxed);
+    s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed + s.batches_idle;
+    s.observer_errors = observer_errors_.load(std::memory_order_relaxed);
+    const auto calls = processor_calls_.load(std::memory_order_relaxed);
+    s.batch_size_mean = calls == 0 ? 0.0 : double(jobs_processed_.load(std::memory_order_relaxed)) / double(calls);
+    s.batch_size_max = batch_size_max_.load(std::memory_order_relaxed);
+    s.queue_wait = queue_wait_.percentiles();
+    s.processing_time = processing_time_.percentiles();
     s.uncorrelated_results = uncorrelated_results_.load(std::memory_order_relaxed);
     s.callback_errors = callback_errors_.load(std::memory_order_relaxed);
     return s;
@@ -437,6 +460,7 @@ private:
       throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
     }
     if (forming_.count_arrival()) form_full_batches();
+    if (options_.dispatch_when_idle && ready_.idle() != 0) dispatch_for_idle_worker();
     if (arrival != time_point::max() && options_.max_batch_delay.count() > 0)
       clock_.wake_by(saturating_add(arrival, options_.max_batch_delay));
     if (deadline != time_point::max()) clock_.wake_by(deadline);
@@ -445,14 +469,65 @@ private:
   /// A forming pass on the thread whose job filled the batch.
   void form_full_batches() {
     std::lock_guard lock(forming_.mutex());
-    forming_.take_arrivals(now(), [&](batch full) { dispatch(full, batches_full_); });
+    forming_.take_arrivals(now(), [&](batch full) { dispatch(full, Trigger::size); });
     clock_.wake_by(forming_.due()); // jobs left over from a full batch start the next one now
   }
 
+  /// Dispatch when idle, on a submitting thread that found a worker idle: the forming batch goes now,
+  /// if no queued batch will occupy that worker first.
+  void dispatch_for_idle_worker() {
+    std::lock_guard lock(forming_.mutex());
+    auto full = [&](batch formed) { dispatch(formed, Trigger::size); };
+    forming_.take_arrivals(now(), full);
+    if (!forming_.empty() && ready_.idle_capacity() != 0) {
+      dispatch(forming_.cut(), Trigger::idle);
+      forming_.take_arrivals(now(), full); // re-arms the size threshold
+    }
+    clock_.wake_by(forming_.due());
+  }
+
+  /// Dispatch when idle, on a worker about to sleep with jobs waiting: it takes the forming batch
+  /// itself (group commit: everything that accumulated while every slot was busy), unless a queued
+  /// batch came first. Returns the batch to run (possibly empty).
+  batch take_for_idle_worker() {
+    std::lock_guard lock(forming_.mutex());
+    auto full = [&](batch formed) { dispatch(formed, Trigger::size); };
+    forming_.take_arrivals(now(), full);
+    batch taken;
+    if (!forming_.empty() && ready_.empty()) {
+      count_dispatch(Trigger::idle);
+      taken = forming_.cut();
+      taken.trigger = Trigger::idle;
+      forming_.take_arrivals(now(), full);
+    }
+    clock_.wake_by(forming_.due());
+    return taken;
+  }
+
   /// (forming mutex held) Queues a formed batch for a worker.
-  void dispatch(batch formed, std::atomic<std::uint64_t>& reason) {
-    reason.fetch_add(1, std::memory_order_relaxed);
+  void dispatch(batch formed, Trigger why) {
+    count_dispatch(why);
+    formed.trigger = why;
     ready_.push(formed);
+  }
+
+  void count_dispatch(Trigger why) noexcept {
+    switch (why) {
+    case Trigger::size:
+    case Trigger::weight:
+      batches_full_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    case Trigger::delay:
+      batches_timed_out_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    case Trigger::flush:
+    case Trigger::shutdown:
+      batches_flushed_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    case Trigger::idle:
+      batches_idle_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    }
   }
 
   void begin_shutdown(Shutdown how) {
@@ -515,7 +590,26 @@ private:
     void count_uncorrelated(std::uint64_t results) noexcept override {
       owner.uncorrelated_results_.fetch_add(results, std::memory_order_relaxed);
     }
+    void batch_ran(const BatchInfo& info) noexcept override { owner.observe(info); }
   };
+
+  /// After a batch that reached the processor: the life-long figures, then `Options::on_batch`.
+  void observe(const BatchInfo& info) noexcept {
+    processor_calls_.fetch_add(1, std::memory_order_relaxed);
+    jobs_processed_.fetch_add(info.size, std::memory_order_relaxed);
+    std::size_t largest = batch_size_max_.load(std::memory_order_relaxed);
+    while (info.size > largest &&
+           !batch_size_max_.compare_exchange_weak(largest, info.size, std::memory_order_relaxed)) {
+    }
+    queue_wait_.record(info.queue_wait);
+    processing_time_.record(info.processing_time);
+    if (!options_.on_batch) return;
+    try {
+      options_.on_batch(info);
+    } catch (...) {
+      observer_errors_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
 
   // ---- the collector thread: the batcher's clock ----
 
@@ -547,12 +641,12 @@ private:
           ready_.remove_if([](node_type*) { return true; }, leaving);
           finished = true;
         } else {
-          auto full = [&](batch formed) { dispatch(formed, batches_full_); };
+          auto full = [&](batch formed) { dispatch(formed, Trigger::size); };
           forming_.take_arrivals(now_time, full, stopping);
           const bool flush_wanted = requests.flush_ticket > flushes_served;
           if (!forming_.empty() && (stopping || flush_wanted || forming_.due() <= now_time)) {
             const bool timed_out = forming_.due() <= now_time; // the delay's, even if a flush came too
-            dispatch(forming_.cut(), timed_out ? batches_timed_out_ : batches_flushed_);
+            dispatch(forming_.cut(), timed_out ? Trigger::delay : stopping ? Trigger::shutdown : Trigger::flush);
             forming_.take_arrivals(now_time, full, stopping); // re-arms the size threshold
           }
           if (sweep_requested_.exchange(false, std::memory_order_acq_rel) || forming_.earliest_deadline() <= now_time)
@@ -600,7 +694,7 @@ private:
     forming_.remove_if(leaves, leaving);
     ready_.remove_if(leaves, leaving);
     forming_.set_earliest_deadline(earliest);
-    forming_.take_arrivals(now_time, [&](batch full) { dispatch(full, batches_full_); }); // re-arms
+    forming_.take_arrivals(now_time, [&](batch full) { dispatch(full, Trigger::size); }); // re-arms
   }
 
   // ---- worker threads ----
@@ -609,8 +703,27 @@ private:
     current_batcher() = this;
     batch jobs;
     bool queue_emptied = false;
-    while (ready_.pop(jobs, queue_emptied)) {
-      if (queue_emptied && admission_.closed()) clock_.wake(); // a draining collector waits for this
+    if (!options_.dispatch_when_idle) {
+      while (ready_.pop(jobs, queue_emptied)) {
+        if (queue_emptied && admission_.closed()) clock_.wake(); // a draining collector waits for this
+        runner.run(jobs);
+      }
+      return;
+    }
+    auto jobs_waiting = [this] {
+      if (admission_.closed()) return false; // shutdown: the collector dispatches what is left
+      std::lock_guard lock(forming_.mutex());
+      return !forming_.inbox_empty() || !forming_.empty();
+    };
+    for (;;) {
+      const auto what = ready_.pop(jobs, queue_emptied, jobs_waiting);
+      if (what == detail::ready_queue<node_type>::taken::finished) return;
+      if (what == detail::ready_queue<node_type>::taken::form_idle) {
+        jobs = take_for_idle_worker();
+        if (jobs.empty()) continue;
+      } else if (queue_emptied && admission_.closed()) {
+        clock_.wake(); // a draining collector waits for this
+      }
       runner.run(jobs);
     }
   }
@@ -635,6 +748,13 @@ private:
   std::atomic<std::uint64_t> batches_full_{0};
   std::atomic<std::uint64_t> batches_timed_out_{0};
   std::atomic<std::uint64_t> batches_flushed_{0};
+  std::atomic<std::uint64_t> batches_idle_{0};
+  std::atomic<std::uint64_t> observer_errors_{0};
+  std::atomic<std::uint64_t> processor_calls_{0};
+  std::atomic<std::uint64_t> jobs_processed_{0};
+  std::atomic<std::size_t> batch_size_max_{0};
+  detail::histogram queue_wait_;
+  detail::histogram processing_time_;
   std::atomic<std::uint64_t> uncorrelated_results_{0};
   std::atomic<std::uint64_t> callback_errors_{0};
 

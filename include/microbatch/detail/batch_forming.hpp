@@ -104,6 +104,7 @@ public:
   job_list<Node> cut() noexcept {
     job_list<Node> batch = forming_;
     forming_ = {};
+    if (batch.first != nullptr) batch.first->arrival = start_; // the batch's start travels with it
     return batch;
   }
 

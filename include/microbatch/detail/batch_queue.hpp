@@ -4,6 +4,8 @@
 
 #include <cstddef>
 
+#include "../options.hpp"
+
 namespace microbatch::detail {
 
 /// A batch: job nodes linked through their `next` member, oldest first. Holds no memory of its own,
@@ -12,6 +14,7 @@ template <class Node> struct job_list {
   Node* first = nullptr;
   Node* last = nullptr;
   std::size_t size = 0;
+  Trigger trigger = Trigger::size; // why the batch was dispatched (once it is one)
 
   [[nodiscard]] bool empty() const noexcept { return size == 0; }
 
@@ -64,17 +67,28 @@ template <class Node> struct job_list {
 };
 
 /// The formed batches waiting for a worker, first in first out. Each batch is a job_list; the queue
-/// links them through `Node::next_batch` and keeps the batch's `last` and `size` in its first node
-/// (`batch_last`, `batch_size`), so it needs no memory of its own. Not thread-safe: its owner guards it.
+/// links them through `Node::next_batch` and keeps the batch's `last`, `size` and `trigger` in its
+/// first node (`batch_last`, `batch_size`, `batch_trigger`), so it needs no memory of its own. The
+/// first node's `arrival` holds the batch's start (its oldest job's arrival) and moves with it. Not thread-safe: its
+/// owner guards it.
 template <class Node> class batch_queue {
 public:
   [[nodiscard]] bool empty() const noexcept { return head_ == nullptr; }
+
+  /// Batches queued (walks the queue).
+  [[nodiscard]] std::size_t count() const noexcept {
+    std::size_t batches = 0;
+    for (Node* first = head_; first != nullptr; first = first->next_batch)
+      ++batches;
+    return batches;
+  }
 
   void push(job_list<Node> batch) noexcept {
     Node* first = batch.first;
     first->next_batch = nullptr;
     first->batch_last = batch.last;
     first->batch_size = batch.size;
+    first->batch_trigger = batch.trigger;
     if (tail_ != nullptr) {
       tail_->next_batch = first;
     } else {
@@ -87,7 +101,7 @@ public:
     Node* first = head_;
     head_ = first->next_batch;
     if (head_ == nullptr) tail_ = nullptr;
-    return {first, first->batch_last, first->batch_size};
+    return {first, first->batch_last, first->batch_size, first->batch_trigger};
   }
 
   /// Applies `job_list::remove_if` to every batch; batches left empty leave the queue.
@@ -97,7 +111,8 @@ public:
     while (*link != nullptr) {
       Node* first = *link;
       Node* next_batch = first->next_batch;
-      job_list<Node> batch{first, first->batch_last, first->batch_size};
+      job_list<Node> batch{first, first->batch_last, first->batch_size, first->batch_trigger};
+      const auto started = first->arrival; // the batch's start, kept in its first node
       batch.remove_if(remove, removed);
       if (batch.empty()) {
         *link = next_batch;
@@ -106,6 +121,8 @@ public:
       batch.first->next_batch = next_batch;
       batch.first->batch_last = batch.last;
       batch.first->batch_size = batch.size;
+      batch.first->batch_trigger = batch.trigger;
+      batch.first->arrival = started;
       *link = batch.first;
       previous_first = batch.first;
       link = &batch.first->next_batch;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../errors.hpp"
+#include "../options.hpp"
 #include "batch_queue.hpp"
 #include "correlation.hpp"
 #include "job_node.hpp"
@@ -31,6 +32,8 @@ public:
   virtual void end_job(node_type* job, Result&& value) noexcept = 0;
   virtual void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept = 0;
   virtual void count_uncorrelated(std::uint64_t results) noexcept = 0;
+  /// After every job of a batch that reached the processor has ended.
+  virtual void batch_ran(const BatchInfo& info) noexcept = 0;
 
 protected:
   ~runner_host() = default;
@@ -58,6 +61,10 @@ public:
 
   void run(job_list<node_type>& offered) override {
     const auto now_time = host_.now();
+    const auto started = offered.first != nullptr && offered.first->arrival != time_point::min()
+                             ? offered.first->arrival
+                             : now_time; // the batch's start (its oldest job's arrival)
+    failed_ = 0;
     jobs_.clear();
     admitted_.clear();
     positions_.clear();
@@ -78,11 +85,12 @@ public:
       node_type* job = next;
       next = job->next;     // before the job can end
       if (job->claimed()) { // cancelled while queued
+        ++failed_;
         job->abandon();
         continue;
       }
       if (job->deadline <= now_time) {
-        host_.end_job(job, expired_error(), failure::expired);
+        fail(job, expired_error(), failure::expired);
         continue;
       }
       admit(job, position);
@@ -91,27 +99,40 @@ public:
 
     std::vector<Result> results;
     std::exception_ptr processor_error;
+    const auto called = host_.now();
     try {
       results = host_.call_processor(std::span<Job>(jobs_));
     } catch (...) {
       processor_error = std::current_exception();
     } // the handler's own reference ends here, before the exception is shared
+    const auto returned = host_.now();
+    const std::size_t processed = jobs_.size();
     jobs_.clear();
     if (processor_error) {
       for (node_type* job : admitted_)
-        host_.end_job(job, processor_error, failure::other);
+        fail(job, processor_error, failure::other);
       release_error(processor_error);
-      return;
+    } else {
+      correlate(results);
     }
-    correlate(results);
+    host_.batch_ran(BatchInfo{offered.trigger, processed, processed, failed_,
+                              std::chrono::duration_cast<std::chrono::nanoseconds>(called - started),
+                              std::chrono::duration_cast<std::chrono::nanoseconds>(returned - called)});
   }
 
 private:
+  using time_point = typename runner_host<Job, Result>::time_point;
+
+  void fail(node_type* job, std::exception_ptr error, failure cause) {
+    ++failed_;
+    host_.end_job(job, std::move(error), cause);
+  }
+
   void admit(node_type* job, std::size_t position) {
     try {
       jobs_.push_back(std::move(job->job));
     } catch (...) { // Job's move constructor threw
-      host_.end_job(job, std::current_exception(), failure::other);
+      fail(job, std::current_exception(), failure::other);
       return;
     }
     std::size_t earlier = no_match;
@@ -119,17 +140,17 @@ private:
       earlier = correlation_.admit(jobs_.back());
     } catch (...) { // the job ID extractor threw: only this job fails
       jobs_.pop_back();
-      host_.end_job(job, std::current_exception(), failure::other);
+      fail(job, std::current_exception(), failure::other);
       return;
     }
     if (earlier != no_match) {
       jobs_.pop_back();
-      host_.end_job(job, make_error<duplicate_id>([&] {
-                      return "microbatch: the job at position " + std::to_string(position) + " of its batch" +
-                             correlation_.describe_id(earlier) + " has the same ID as the earlier job at position " +
-                             std::to_string(positions_[earlier]) + "; it was not processed";
-                    }),
-                    failure::other);
+      fail(job, make_error<duplicate_id>([&] {
+             return "microbatch: the job at position " + std::to_string(position) + " of its batch" +
+                    correlation_.describe_id(earlier) + " has the same ID as the earlier job at position " +
+                    std::to_string(positions_[earlier]) + "; it was not processed";
+           }),
+           failure::other);
       return;
     }
     admitted_.push_back(job);
@@ -150,11 +171,11 @@ private:
     }
     for (std::size_t index = 0; index < admitted_.size(); ++index) {
       if (answered_[index]) continue;
-      host_.end_job(admitted_[index], make_error<no_result>([&] {
-                      return "microbatch: the processor returned no result for the job at position " +
-                             std::to_string(positions_[index]) + " of its batch" + correlation_.describe_id(index);
-                    }),
-                    failure::other);
+      fail(admitted_[index], make_error<no_result>([&] {
+             return "microbatch: the processor returned no result for the job at position " +
+                    std::to_string(positions_[index]) + " of its batch" + correlation_.describe_id(index);
+           }),
+           failure::other);
     }
     if (uncorrelated != 0) host_.count_uncorrelated(uncorrelated);
   }
@@ -165,6 +186,7 @@ private:
   std::vector<node_type*> admitted_;   // admitted_[i] owns jobs_[i]
   std::vector<std::size_t> positions_; // positions_[i]: admitted_[i]'s position in its batch
   std::vector<bool> answered_;
+  std::size_t failed_ = 0; // jobs of the running batch that ended with an error
 };
 
 } // namespace microbatch::detail

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "../errors.hpp"
+#include "../options.hpp"
 #include "../outcome.hpp"
 #include "completion_flag.hpp"
 
@@ -67,7 +68,8 @@ public:
   job_node* next_batch = nullptr;         // detail::batch_queue, in a queued batch's first node only
   job_node* batch_last = nullptr;         // ditto
   std::size_t batch_size = 0;             // ditto
-  time_point arrival = time_point::min(); // set when this job was the first into an empty inbox
+  time_point arrival = time_point::min(); // set when this job was the first into an empty inbox; in a
+                                          // batch's first node, the batch's start
   time_point deadline = time_point::max();
   Job job;
 
@@ -88,6 +90,9 @@ protected:
 
 private:
   std::atomic<bool> claimed_{false};
+
+public:
+  Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
 };
 
 /// `submit(job)`: one heap block holds the node and an arena from which its `std::promise` allocates

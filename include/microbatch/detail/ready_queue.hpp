@@ -2,9 +2,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <mutex>
+#include <type_traits>
 
 #include "batch_queue.hpp"
 
@@ -27,25 +29,68 @@ public:
     {
       std::lock_guard lock(mutex_);
       batches_.push(batch);
+      ++queued_;
       wake = sleeping_ != 0;
     }
     if (wake) changed_.notify_one();
   }
 
-  /// Waits for a batch and takes it into `batch`. False once `finish` was called and nothing is left
-  /// (the worker then exits). Also waits while `hold` is in force. `now_empty` says whether this pop
-  /// emptied the queue (shutdown waits for that).
-  bool pop(job_list<Node>& batch, bool& now_empty) {
+  /// What `pop` gives a worker.
+  enum class taken {
+    batch,     ///< a batch, in `batch`
+    form_idle, ///< nothing queued but jobs are waiting: the worker is idle, so it forms a batch itself
+    finished,  ///< `finish` was called and nothing is left: the worker exits
+  };
+
+  /// Waits for a batch and takes it into `batch`; `now_empty` says whether this pop emptied the queue
+  /// (shutdown waits for that). Waits while `hold` is in force. With `jobs_waiting` (dispatch when
+  /// idle), a worker about to sleep first counts itself idle, then asks `jobs_waiting()`: if jobs wait
+  /// it returns `form_idle` instead of sleeping. A submitter that publishes a job and then finds a
+  /// worker idle (`idle()`) dispatches for it; in sequentially consistent order one of the two sees
+  /// the other, so a job never waits while a slot sleeps.
+  template <class JobsWaiting> taken pop(job_list<Node>& batch, bool& now_empty, JobsWaiting&& jobs_waiting) {
     std::unique_lock lock(mutex_);
-    while (held_ || batches_.empty()) {
-      if (finished_ && (held_ || batches_.empty())) return false;
+    for (;;) {
+      if (!held_ && !batches_.empty()) {
+        batch = batches_.pop();
+        --queued_;
+        now_empty = batches_.empty();
+        return taken::batch;
+      }
+      if (finished_) return taken::finished;
+      bool idle_counted = false;
+      if constexpr (!std::is_same_v<std::decay_t<JobsWaiting>, std::nullptr_t>) {
+        if (!held_) {
+          idle_.fetch_add(1, std::memory_order_seq_cst);
+          idle_counted = true;
+          lock.unlock();
+          const bool waiting = jobs_waiting(); // takes the forming batch's mutex: not under ours
+          lock.lock();
+          if (waiting || !batches_.empty() || finished_) {
+            idle_.fetch_sub(1, std::memory_order_seq_cst);
+            if (waiting && batches_.empty() && !finished_) return taken::form_idle;
+            continue;
+          }
+        }
+      }
       ++sleeping_;
       changed_.wait(lock);
       --sleeping_;
+      if (idle_counted) idle_.fetch_sub(1, std::memory_order_seq_cst);
     }
-    batch = batches_.pop();
-    now_empty = batches_.empty();
-    return true;
+  }
+
+  /// `pop` without dispatch when idle: true with a batch, false once finished.
+  bool pop(job_list<Node>& batch, bool& now_empty) { return pop(batch, now_empty, nullptr) == taken::batch; }
+
+  /// Workers idle now (dispatch when idle only). Lock-free.
+  [[nodiscard]] std::size_t idle() const noexcept { return idle_.load(std::memory_order_seq_cst); }
+
+  /// Idle workers that no queued batch will occupy: how many batches may go out for idleness now.
+  [[nodiscard]] std::size_t idle_capacity() const {
+    std::lock_guard lock(mutex_);
+    const std::size_t idle_workers = idle_.load(std::memory_order_seq_cst);
+    return idle_workers > queued_ ? idle_workers - queued_ : 0;
   }
 
   [[nodiscard]] bool empty() const {
@@ -58,6 +103,7 @@ public:
   template <class Leaves> void remove_if(Leaves&& leaves, job_list<Node>& removed) {
     std::lock_guard lock(mutex_);
     batches_.remove_if(leaves, removed);
+    queued_ = batches_.count();
   }
 
   /// Workers stop taking batches until `finish` (Shutdown::cancel: what is queued is failed instead).
@@ -80,10 +126,12 @@ public:
 private:
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  batch_queue<Node> batches_; // guarded by mutex_
-  std::size_t sleeping_ = 0;  // guarded by mutex_; workers inside changed_.wait
-  bool held_ = false;         // guarded by mutex_
-  bool finished_ = false;     // guarded by mutex_
+  batch_queue<Node> batches_;                    // guarded by mutex_
+  std::size_t queued_ = 0;                       // guarded by mutex_; batches in batches_
+  alignas(64) std::atomic<std::size_t> idle_{0}; // workers counted idle by pop (dispatch when idle)
+  std::size_t sleeping_ = 0;                     // guarded by mutex_; workers inside changed_.wait
+  bool held_ = false;                            // guarded by mutex_
+  bool finished_ = false;                        // guarded by mutex_
 };
 
 } // namespace microbatch::detail

@@ -1,0 +1,171 @@
+// Batching policies: dispatch when idle (no latency floor under light load, group commit under load).
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+using namespace test;
+using microbatch::Options;
+
+TEST_CASE("dispatch_when_idle: a job meets an idle worker and goes at once, without size or delay",
+          "[policies][clock]") {
+  microbatch::manual_clock clock; // never advanced: the 1 h delay cannot be what dispatches
+  batch_log log;
+  auto process = logged(log);
+  microbatch::Batcher batcher(
+      process, &Job::id, &Result::id,
+      Options{.max_batch_size = 100, .max_batch_delay = 1h, .clock = &clock, .dispatch_when_idle = true});
+  for (std::uint64_t id = 1; id <= 3; ++id)
+    CHECK(batcher.execute_job({id, int(id)}).value == 2 * int(id)); // one caller, one job at a time
+  CHECK(log.sizes() == std::vector<std::size_t>{1, 1, 1});
+  auto stats = batcher.stats();
+  CHECK(stats.batches_idle == 3);
+  CHECK(stats.batches == 3);
+  CHECK(stats.batches_timed_out == 0);
+}
+
+TEST_CASE("dispatch_when_idle: while the slot is busy jobs accumulate; the free slot takes them all at once",
+          "[policies]") {
+  gate held;
+  batch_log log;
+  auto process = logged_and_gated(log, held);
+  microbatch::Batcher batcher(process, &Job::id, &Result::id,
+                              Options{.max_batch_size = 100, .max_batch_delay = 1h, .dispatch_when_idle = true});
+  auto first = batcher.submit({1, 1});
+  held.await_entered(); // {1} holds the only slot
+  std::vector<std::future<Result>> accumulated;
+  for (std::uint64_t id = 2; id <= 5; ++id)
+    accumulated.push_back(batcher.submit({id, int(id)}));
+  CHECK(batcher.stats().batches == 1); // nothing else went while the slot was busy
+  held.open();
+  CHECK(first.get().value == 2);
+  for (std::uint64_t id = 2; id <= 5; ++id)
+    CHECK(accumulated[id - 2].get().value == 2 * int(id));
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{1}, {2, 3, 4, 5}}); // group commit
+  CHECK(batcher.stats().batches_idle == 2);
+}
+
+TEST_CASE("dispatch_when_idle: size still applies while the slot is busy", "[policies]") {
+  gate held;
+  batch_log log;
+  auto process = logged_and_gated(log, held);
+  microbatch::Batcher batcher(process, &Job::id, &Result::id,
+                              Options{.max_batch_size = 2, .max_batch_delay = 1h, .dispatch_when_idle = true});
+  auto first = batcher.submit({1, 1});
+  held.await_entered();
+  std::vector<std::future<Result>> later;
+  for (std::uint64_t id = 2; id <= 6; ++id)
+    later.push_back(batcher.submit({id, 1})); // {2,3} and {4,5} fill; 6 waits
+  CHECK(batcher.stats().batches_full == 2);
+  held.open();
+  for (auto& f : later)
+    CHECK(f.get().value == 2);
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{1}, {2, 3}, {4, 5}, {6}});
+  auto stats = batcher.stats();
+  CHECK(stats.batches_idle == 2); // {1} and {6}
+  CHECK(stats.batches_full == 2);
+  CHECK(first.get().value == 2);
+}
+
+TEST_CASE("dispatch_when_idle: two slots take two jobs at once", "[policies]") {
+  gate held;
+  batch_log log;
+  auto process = logged_and_gated(log, held);
+  microbatch::Batcher batcher(
+      process, &Job::id, &Result::id,
+      Options{.max_batch_size = 100, .max_batch_delay = 1h, .max_concurrent_batches = 2, .dispatch_when_idle = true});
+  auto a = batcher.submit({1, 1});
+  held.await_entered(1);
+  auto b = batcher.submit({2, 2});
+  held.await_entered(1); // the second slot took {2} while {1} still runs
+  held.open();
+  CHECK(a.get().value == 2);
+  CHECK(b.get().value == 4);
+  CHECK(batcher.stats().batches_idle == 2);
+}
+
+TEST_CASE("on_batch: once per processed batch, after its jobs ended, with exact times on a manual clock",
+          "[policies][observe][clock]") {
+  microbatch::manual_clock clock;
+  std::mutex seen_mutex;
+  std::vector<microbatch::BatchInfo> seen; // guarded by seen_mutex
+  std::vector<std::future<Result>> futures;
+  std::atomic<int> ended_before_call{0};
+  std::promise<void> observed;
+  auto process = [&](std::span<Job> jobs) {
+    clock.advance(3ms); // the processor "takes" 3 ms
+    auto results = doubled(jobs);
+    results.pop_back(); // the last job gets no_result
+    return results;
+  };
+  Options options{.max_batch_size = 10, .max_batch_delay = 5ms, .clock = &clock};
+  options.on_batch = [&](const microbatch::BatchInfo& info) {
+    int ready = 0;
+    for (auto& f : futures)
+      ready += is_ready(f);
+    ended_before_call = ready;
+    {
+      std::lock_guard lock(seen_mutex);
+      seen.push_back(info);
+    }
+    observed.set_value();
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, options);
+  futures.push_back(batcher.submit({1, 1}));
+  futures.push_back(batcher.submit({2, 2}));
+  clock.await_timers(1);
+  clock.advance(5ms);           // the delay dispatches {1, 2}
+  observed.get_future().wait(); // the futures are only read by on_batch until here
+  CHECK(futures[0].get().value == 2);
+  CHECK_THROWS_AS(futures[1].get(), microbatch::no_result);
+  batcher.shutdown();
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].trigger == microbatch::Trigger::delay);
+  CHECK(seen[0].size == 2);
+  CHECK(seen[0].weight == 2);
+  CHECK(seen[0].failed == 1);
+  CHECK(seen[0].queue_wait == 5ms);
+  CHECK(seen[0].processing_time == 3ms);
+  CHECK(ended_before_call.load() == 2);
+  auto stats = batcher.stats();
+  CHECK(stats.batch_size_mean == 2.0);
+  CHECK(stats.batch_size_max == 2);
+  CHECK(stats.processing_time.max == 3ms);
+  CHECK(stats.queue_wait.max == 5ms);
+  CHECK(stats.queue_wait.p50 >= 5ms * 0.95);
+  CHECK(stats.queue_wait.p50 <= 5ms * 1.05);
+}
+
+TEST_CASE("on_batch: triggers size, flush, shutdown and idle; an exception is contained and counted",
+          "[policies][observe]") {
+  std::mutex seen_mutex;
+  std::vector<microbatch::Trigger> triggers; // guarded by seen_mutex
+  Options options{.max_batch_size = 2, .max_batch_delay = 1h};
+  options.on_batch = [&](const microbatch::BatchInfo& info) {
+    {
+      std::lock_guard lock(seen_mutex);
+      triggers.push_back(info.trigger);
+    }
+    throw std::runtime_error("careless observer");
+  };
+  {
+    microbatch::Batcher batcher(doubled, &Job::id, &Result::id, options);
+    CHECK(batcher.stats().queue_wait.p99 == 0ns); // all zero before any batch
+    auto a = batcher.submit({1, 1});
+    auto b = batcher.submit({2, 2}); // size
+    CHECK(a.get().value == 2);
+    CHECK(b.get().value == 4);
+    auto c = batcher.submit({3, 3});
+    batcher.flush(); // flush
+    CHECK(c.get().value == 6);
+    auto d = batcher.submit({4, 4});
+    batcher.shutdown(); // shutdown
+    CHECK(d.get().value == 8);
+    CHECK(batcher.stats().observer_errors == 3);
+  }
+  options.dispatch_when_idle = true;
+  microbatch::Batcher idle(doubled, &Job::id, &Result::id, options);
+  CHECK(idle.execute_job({5, 5}).value == 10);
+  idle.shutdown();
+  using microbatch::Trigger;
+  CHECK(triggers == std::vector<Trigger>{Trigger::size, Trigger::flush, Trigger::shutdown, Trigger::idle});
+}
