@@ -169,3 +169,71 @@ TEST_CASE("on_batch: triggers size, flush, shutdown and idle; an exception is co
   using microbatch::Trigger;
   CHECK(triggers == std::vector<Trigger>{Trigger::size, Trigger::flush, Trigger::shutdown, Trigger::idle});
 }
+
+TEST_CASE("DuplicateIds::coalesce: equal IDs in a batch reach the processor once and share its outcome",
+          "[policies][correlation]") {
+  batch_log log;
+  auto process = logged(log);
+  Options options{.max_batch_size = 4, .max_batch_delay = 1h};
+  options.duplicate_ids = microbatch::DuplicateIds::coalesce;
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, options);
+  auto first = batcher.submit({5, 10});
+  auto other = batcher.submit({6, 1});
+  auto second = batcher.submit({5, 99}); // same ID: shares the first's slot (and its result)
+  auto third = batcher.submit({5, 7});
+  CHECK(first.get().value == 20);
+  CHECK(second.get().value == 20);
+  CHECK(third.get().value == 20);
+  CHECK(other.get().value == 2);
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{5, 6}});
+  CHECK(batcher.stats().jobs_coalesced == 2);
+  CHECK(batcher.stats().jobs_failed == 0);
+}
+
+TEST_CASE("DuplicateIds::coalesce: the shared slot's error reaches every job with that ID", "[policies][correlation]") {
+  Options options{.max_batch_size = 3, .max_batch_delay = 1h};
+  options.duplicate_ids = microbatch::DuplicateIds::coalesce;
+  auto drops_five = [](std::span<Job> jobs) {
+    std::vector<Result> results;
+    for (const Job& job : jobs)
+      if (job.id != 5) results.push_back({job.id, 0});
+    return results;
+  };
+  microbatch::Batcher dropping(drops_five, &Job::id, &Result::id, options);
+  auto a = dropping.submit({5, 1});
+  auto b = dropping.submit({5, 2});
+  auto c = dropping.submit({6, 3});
+  CHECK_THROWS_AS(a.get(), microbatch::no_result);
+  CHECK_THROWS_AS(b.get(), microbatch::no_result);
+  CHECK(c.get().id == 6);
+
+  auto throws = [](std::span<Job>) -> std::vector<Result> { throw std::runtime_error("backend down"); };
+  microbatch::Batcher failing(throws, &Job::id, &Result::id, options);
+  auto d = failing.submit({5, 1});
+  auto e = failing.submit({5, 2});
+  auto f = failing.submit({6, 3});
+  CHECK_THROWS_WITH(d.get(), "backend down");
+  CHECK_THROWS_WITH(e.get(), "backend down");
+  CHECK_THROWS_WITH(f.get(), "backend down");
+  CHECK(failing.stats().jobs_coalesced == 1);
+}
+
+TEST_CASE("DuplicateIds::coalesce is refused without IDs or with a Result that cannot be copied",
+          "[policies][errors]") {
+  Options options;
+  options.duplicate_ids = microbatch::DuplicateIds::coalesce;
+  using positional = microbatch::Batcher<Job, Result, decltype(&doubled)>;
+  CHECK_THROWS_WITH(positional(&doubled, options), Catch::Contains("duplicate_ids"));
+  struct Unique {
+    std::uint64_t id;
+    std::unique_ptr<int> payload;
+  };
+  auto process = [](std::span<Job> jobs) {
+    std::vector<Unique> out;
+    for (const Job& j : jobs)
+      out.push_back({j.id, nullptr});
+    return out;
+  };
+  using move_only = microbatch::Batcher<Job, Unique, decltype(process)>;
+  CHECK_THROWS_WITH(move_only(process, &Job::id, &Unique::id, options), Catch::Contains("copy-constructible"));
+}

@@ -155,17 +155,18 @@ public:
   /// batcher's threads. Throws `std::invalid_argument` naming the field for invalid options.
   template <class JobId, class ResultId>
   Batcher(Processor processor, JobId job_id, ResultId result_id, Options options = {})
-      : processor_(std::move(processor)), options_(checked(options)) {
+      : processor_(std::move(processor)), options_(checked(options, true)) {
     using correlation = detail::keyed_correlation<Job, Result, JobId, ResultId>;
+    const bool coalesce = options_.duplicate_ids == DuplicateIds::coalesce;
     start([&] {
-      return std::make_unique<detail::correlating_runner<Job, Result, correlation>>(host(),
-                                                                                    correlation(job_id, result_id));
+      return std::make_unique<detail::correlating_runner<Job, Result, correlation>>(
+          host(), correlation(job_id, result_id), coalesce);
     });
   }
 
   /// Positional mode: result i of the processor's vector answers job i of its span.
   explicit Batcher(Processor processor, Options options = {})
-      : processor_(std::move(processor)), options_(checked(options)) {
+      : processor_(std::move(processor)), options_(checked(options, false)) {
     start([&] {
       return std::make_unique<detail::correlating_runner<Job, Result, detail::positional_correlation>>(
           host(), detail::positional_correlation{});
@@ -369,6 +370,7 @@ public:
     s.batches_flushed = batches_flushed_.load(std::memory_order_relaxed);
     s.batches_idle = batches_idle_.load(std::memory_order_relaxed);
     s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed + s.batches_idle;
+    s.jobs_coalesced = jobs_coalesced_.load(std::memory_order_relaxed);
     s.observer_errors = observer_errors_.load(std::memory_order_relaxed);
     const auto calls = processor_calls_.load(std::memory_order_relaxed);
     s.batch_size_mean = calls == 0 ? 0.0 : double(jobs_processed_.load(std::memory_order_relaxed)) / double(calls);
@@ -387,7 +389,13 @@ private:
   using batch = detail::job_list<node_type>;
   using failure = detail::failure;
 
-  static Options checked(Options options) {
+  static Options checked(Options options, bool keyed) {
+    if (options.duplicate_ids == DuplicateIds::coalesce && !keyed)
+      throw std::invalid_argument("microbatch::Options::duplicate_ids: DuplicateIds::coalesce needs correlation IDs "
+                                  "(job_id, result_id); positional mode has none");
+    if (options.duplicate_ids == DuplicateIds::coalesce && !std::is_copy_constructible_v<Result>)
+      throw std::invalid_argument("microbatch::Options::duplicate_ids: DuplicateIds::coalesce copies the result to "
+                                  "every job with the same ID, but Result is not copy-constructible");
     if (options.max_concurrent_batches == 0)
       throw std::invalid_argument("microbatch::Options::max_concurrent_batches must be at least 1");
     if (options.max_batch_delay.count() < 0)
@@ -591,6 +599,9 @@ private:
       owner.uncorrelated_results_.fetch_add(results, std::memory_order_relaxed);
     }
     void batch_ran(const BatchInfo& info) noexcept override { owner.observe(info); }
+    void count_coalesced(std::uint64_t jobs) noexcept override {
+      owner.jobs_coalesced_.fetch_add(jobs, std::memory_order_relaxed);
+    }
   };
 
   /// After a batch that reached the processor: the life-long figures, then `Options::on_batch`.
@@ -749,6 +760,7 @@ private:
   std::atomic<std::uint64_t> batches_timed_out_{0};
   std::atomic<std::uint64_t> batches_flushed_{0};
   std::atomic<std::uint64_t> batches_idle_{0};
+  std::atomic<std::uint64_t> jobs_coalesced_{0};
   std::atomic<std::uint64_t> observer_errors_{0};
   std::atomic<std::uint64_t> processor_calls_{0};
   std::atomic<std::uint64_t> jobs_processed_{0};

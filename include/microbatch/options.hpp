@@ -52,6 +52,13 @@ struct Percentiles {
   std::chrono::nanoseconds max{0};
 };
 
+/// What a batch does with jobs whose correlation ID equals an earlier job's in the same batch.
+enum class DuplicateIds {
+  reject,   ///< the later job fails with `duplicate_id` and never reaches the processor
+  coalesce, ///< the processor sees the ID once (the first job); every such job ends with a copy of its
+            ///< result, or with its error
+};
+
 /// How a `Batcher` forms and runs batches. An aggregate: use designated initialisers,
 /// e.g. `Options{.max_batch_size = 100, .max_batch_delay = std::chrono::milliseconds(2)}`.
 /// The constructor checks the preconditions and throws `std::invalid_argument` naming the field.
@@ -89,6 +96,12 @@ struct Options {
   /// loaded batcher adds no latency, and batches grow only under load. Default false.
   bool dispatch_when_idle = false;
 
+  /// Jobs of one batch with equal IDs: `reject` (default) fails the later ones with `duplicate_id`;
+  /// `coalesce` hands the first to the processor and gives the others a copy of its outcome (counted in
+  /// `Stats::jobs_coalesced`). `coalesce` needs ID extractors and a copy-constructible Result (else the
+  /// constructor throws `std::invalid_argument`).
+  DuplicateIds duplicate_ids = DuplicateIds::reject;
+
   /// Called exactly once per batch that reached the processor, after every job of that batch has
   /// ended, on the worker thread that ran it, with why it formed and how long it waited and ran
   /// (measured with the batcher's clock). An exception escaping it is caught and counted in
@@ -114,6 +127,7 @@ struct Stats {
   std::uint64_t jobs_rejected = 0;        ///< submits that threw queue_full (never accepted)
   std::uint64_t callback_errors = 0;      ///< exceptions that escaped submit's on_complete (contained)
   std::uint64_t batches_idle = 0;         ///< batches dispatched because a processor slot was idle
+  std::uint64_t jobs_coalesced = 0;       ///< jobs that shared an equal-ID job's slot (DuplicateIds::coalesce)
   std::uint64_t observer_errors = 0;      ///< exceptions that escaped Options::on_batch (contained)
   double batch_size_mean = 0;             ///< jobs per processor call, over the batcher's life
   std::size_t batch_size_max = 0;         ///< the largest batch handed to the processor

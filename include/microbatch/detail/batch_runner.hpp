@@ -9,6 +9,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,6 +33,7 @@ public:
   virtual void end_job(node_type* job, Result&& value) noexcept = 0;
   virtual void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept = 0;
   virtual void count_uncorrelated(std::uint64_t results) noexcept = 0;
+  virtual void count_coalesced(std::uint64_t jobs) noexcept = 0;
   /// After every job of a batch that reached the processor has ended.
   virtual void batch_ran(const BatchInfo& info) noexcept = 0;
 
@@ -56,8 +58,10 @@ class correlating_runner final : public batch_runner<Job, Result> {
 public:
   using node_type = job_node<Job, Result>;
 
-  correlating_runner(runner_host<Job, Result>& host, Correlation correlation)
-      : host_(host), correlation_(std::move(correlation)) {}
+  /// `coalesce`: a job whose ID equals an earlier job's in the batch shares that job's slot (it ends
+  /// with a copy of its result, or its error) instead of failing with `duplicate_id`.
+  correlating_runner(runner_host<Job, Result>& host, Correlation correlation, bool coalesce = false)
+      : host_(host), correlation_(std::move(correlation)), coalesce_(coalesce) {}
 
   void run(job_list<node_type>& offered) override {
     const auto now_time = host_.now();
@@ -68,12 +72,18 @@ public:
     jobs_.clear();
     admitted_.clear();
     positions_.clear();
+    followers_.clear();
+    first_follower_.clear();
     try { // every buffer sized up front: nothing below allocates but the error messages
       correlation_.begin(offered.size);
       jobs_.reserve(offered.size);
       admitted_.reserve(offered.size);
       positions_.reserve(offered.size);
       answered_.reserve(offered.size);
+      if (coalesce_) {
+        followers_.reserve(offered.size);
+        first_follower_.reserve(offered.size);
+      }
     } catch (...) { // out of memory: the batch fails, the batcher goes on
       std::exception_ptr error = std::current_exception();
       offered.for_each([&](node_type* job) { host_.end_job(job, error, failure::other); });
@@ -109,12 +119,13 @@ public:
     const std::size_t processed = jobs_.size();
     jobs_.clear();
     if (processor_error) {
-      for (node_type* job : admitted_)
-        fail(job, processor_error, failure::other);
+      for (std::size_t index = 0; index < admitted_.size(); ++index)
+        fail_admitted(index, processor_error);
       release_error(processor_error);
     } else {
       correlate(results);
     }
+    if (!followers_.empty()) host_.count_coalesced(followers_.size());
     host_.batch_ran(BatchInfo{offered.trigger, processed, processed, failed_,
                               std::chrono::duration_cast<std::chrono::nanoseconds>(called - started),
                               std::chrono::duration_cast<std::chrono::nanoseconds>(returned - called)});
@@ -145,6 +156,11 @@ private:
     }
     if (earlier != no_match) {
       jobs_.pop_back();
+      if (coalesce_) { // shares the earlier job's slot: ends with its outcome
+        followers_.push_back({job, first_follower_[earlier]});
+        first_follower_[earlier] = followers_.size() - 1;
+        return;
+      }
       fail(job, make_error<duplicate_id>([&] {
              return "microbatch: the job at position " + std::to_string(position) + " of its batch" +
                     correlation_.describe_id(earlier) + " has the same ID as the earlier job at position " +
@@ -155,6 +171,32 @@ private:
     }
     admitted_.push_back(job);
     positions_.push_back(position);
+    if (coalesce_) first_follower_.push_back(no_match);
+  }
+
+  /// Ends admitted job `index` with `value`, after giving each job that shares its slot a copy.
+  void succeed(std::size_t index, Result&& value) {
+    if constexpr (std::is_copy_constructible_v<Result>) {
+      for (std::size_t k = follower_of(index); k != no_match; k = followers_[k].next) {
+        try {
+          host_.end_job(followers_[k].job, Result(std::as_const(value)));
+        } catch (...) { // Result's copy constructor threw: only this follower fails
+          fail(followers_[k].job, std::current_exception(), failure::other);
+        }
+      }
+    }
+    host_.end_job(admitted_[index], std::move(value));
+  }
+
+  /// Fails admitted job `index`, and every job that shares its slot, with `error`.
+  void fail_admitted(std::size_t index, const std::exception_ptr& error) {
+    for (std::size_t k = follower_of(index); k != no_match; k = followers_[k].next)
+      fail(followers_[k].job, error, failure::other);
+    fail(admitted_[index], error, failure::other);
+  }
+
+  [[nodiscard]] std::size_t follower_of(std::size_t index) const noexcept {
+    return coalesce_ ? first_follower_[index] : no_match;
   }
 
   void correlate(std::vector<Result>& results) {
@@ -167,15 +209,14 @@ private:
         continue;
       }
       answered_[index] = true;
-      host_.end_job(admitted_[index], std::move(results[position]));
+      succeed(index, std::move(results[position]));
     }
     for (std::size_t index = 0; index < admitted_.size(); ++index) {
       if (answered_[index]) continue;
-      fail(admitted_[index], make_error<no_result>([&] {
-             return "microbatch: the processor returned no result for the job at position " +
-                    std::to_string(positions_[index]) + " of its batch" + correlation_.describe_id(index);
-           }),
-           failure::other);
+      fail_admitted(index, make_error<no_result>([&] {
+                      return "microbatch: the processor returned no result for the job at position " +
+                             std::to_string(positions_[index]) + " of its batch" + correlation_.describe_id(index);
+                    }));
     }
     if (uncorrelated != 0) host_.count_uncorrelated(uncorrelated);
   }
@@ -187,6 +228,13 @@ private:
   std::vector<std::size_t> positions_; // positions_[i]: admitted_[i]'s position in its batch
   std::vector<bool> answered_;
   std::size_t failed_ = 0; // jobs of the running batch that ended with an error
+  const bool coalesce_;
+  struct follower {
+    node_type* job;
+    std::size_t next; // the next follower of the same admitted job, or no_match
+  };
+  std::vector<follower> followers_;         // jobs sharing an admitted job's slot (coalesce)
+  std::vector<std::size_t> first_follower_; // per admitted job: its first follower, or no_match
 };
 
 } // namespace microbatch::detail

@@ -60,7 +60,7 @@ inline std::exception_ptr expired_error() noexcept {
 /// thread that holds the node at the time.
 template <class Job, class Result> class job_node {
 public:
-  explicit job_node(Job&& submitted) : job(std::move(submitted)) {}
+  explicit job_node(Job&& submitted, bool cancellable = false) : job(std::move(submitted)), cancellable_(cancellable) {}
   job_node(const job_node&) = delete;
   job_node& operator=(const job_node&) = delete;
 
@@ -74,7 +74,9 @@ public:
   Job job;
 
   /// True for the caller that gets to end the job. Thread-safe.
-  bool try_claim() noexcept { return !claimed_.exchange(true, std::memory_order_acq_rel); }
+  /// Only a cancellable node (its caller's stop callback may claim it) pays for an atomic exchange;
+  /// every other node has one owner at a time, the batcher, which ends it once.
+  bool try_claim() noexcept { return !cancellable_ || !claimed_.exchange(true, std::memory_order_acq_rel); }
   [[nodiscard]] bool claimed() const noexcept { return claimed_.load(std::memory_order_acquire); }
 
   /// Delivers the outcome and drops the batcher's hold. Call only after winning `try_claim`.
@@ -90,6 +92,7 @@ protected:
 
 private:
   std::atomic<bool> claimed_{false};
+  const bool cancellable_;
 
 public:
   Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
@@ -252,7 +255,7 @@ public:
 /// delivers `cancelled` through `deliver` without dropping the batcher's reference.
 template <class Job, class Result> class shared_waiting_node final : public job_node<Job, Result> {
 public:
-  using job_node<Job, Result>::job_node;
+  explicit shared_waiting_node(Job&& submitted) : job_node<Job, Result>(std::move(submitted), true) {}
   std::optional<Result> value;
   std::exception_ptr error;
   completion_flag done;
