@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 PANELS = [
     ("throughput (higher is better)", lambda m: m in ("jobs/s", "loads/s"), "per second", True),
     ("latency (lower is better)", lambda m: m.endswith(" us") and m != "jobs below delay", "microseconds", True),
-    ("memory (lower is better)", lambda m: m in ("peak RSS MiB", "peak heap bytes/pending job"), "", True),
-    ("context switches per batch (lower is better)", lambda m: m == "ctx switches/batch", "", False),
+    ("memory (lower is better)", lambda m: m in ("peak RSS MiB", "peak heap bytes/pending job", "peak heap MiB"), "", True),
+    ("context switches per batch (lower is better)", lambda m: m == "ctx switches/batch", "", True),
 ]
 
 
@@ -45,7 +45,7 @@ def main():
     panels = [(title, [r for r in rows if pick(r[1]) and r[2] > 0 and r[3] > 0], unit, log)
               for title, pick, unit, log in PANELS]
     panels = [p for p in panels if p[1]]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.4 * len(panels)))
     if len(panels) == 1:
         axes = [axes]
     for axis, (title, chosen, unit, log) in zip(axes, panels):
@@ -55,7 +55,7 @@ def main():
         axis.bar([x - width / 2 for x in xs], [r[2] for r in chosen], width, label="baseline", color="#9e9e9e")
         axis.bar([x + width / 2 for x in xs], [r[3] for r in chosen], width, label="microbatch", color="#1f77b4")
         axis.set_xticks(list(xs))
-        axis.set_xticklabels(labels, fontsize=7)
+        axis.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
         axis.set_title(title)
         if unit:
             axis.set_ylabel(unit)

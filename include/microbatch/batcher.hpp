@@ -592,6 +592,13 @@ private:
     [[nodiscard]] time_point now() const noexcept override { return owner.now(); }
     std::vector<Result> call_processor(std::span<Job> jobs) override { return std::invoke(owner.processor_, jobs); }
     void end_job(node_type* job, Result&& value) noexcept override { owner.end_job(job, std::move(value)); }
+    void count_completed(std::uint64_t jobs) noexcept override {
+      owner.jobs_completed_.fetch_add(jobs, std::memory_order_release);
+    }
+    void finish_claimed(node_type* job, Result&& value) noexcept override {
+      owner.admission_.release();
+      job->finish(std::move(value));
+    }
     void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept override {
       owner.end_job(job, std::move(error), cause);
     }

@@ -31,6 +31,10 @@ public:
   [[nodiscard]] virtual time_point now() const noexcept = 0;
   virtual std::vector<Result> call_processor(std::span<Job> jobs) = 0;
   virtual void end_job(node_type* job, Result&& value) noexcept = 0;
+  /// The cheaper way for a whole batch: `count_completed(n)` once for n jobs the runner claimed
+  /// (`job_node::try_claim`), then `finish_claimed` for each of them.
+  virtual void count_completed(std::uint64_t jobs) noexcept = 0;
+  virtual void finish_claimed(node_type* job, Result&& value) noexcept = 0;
   virtual void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept = 0;
   virtual void count_uncorrelated(std::uint64_t results) noexcept = 0;
   virtual void count_coalesced(std::uint64_t jobs) noexcept = 0;
@@ -80,6 +84,8 @@ public:
       admitted_.reserve(offered.size);
       positions_.reserve(offered.size);
       answered_.reserve(offered.size);
+      claimed_.reserve(offered.size);
+      matched_.reserve(offered.size);
       if (coalesce_) {
         followers_.reserve(offered.size);
         first_follower_.reserve(offered.size);
@@ -174,8 +180,9 @@ private:
     if (coalesce_) first_follower_.push_back(no_match);
   }
 
-  /// Ends admitted job `index` with `value`, after giving each job that shares its slot a copy.
-  void succeed(std::size_t index, Result&& value) {
+  /// Ends admitted job `index` with `value`, after giving each job that shares its slot a copy. The
+  /// admitted job itself was claimed and counted already (`claimed`), or was cancelled meanwhile.
+  void succeed(std::size_t index, Result&& value, bool claimed) {
     if constexpr (std::is_copy_constructible_v<Result>) {
       for (std::size_t k = follower_of(index); k != no_match; k = followers_[k].next) {
         try {
@@ -185,7 +192,7 @@ private:
         }
       }
     }
-    host_.end_job(admitted_[index], std::move(value));
+    if (claimed) host_.finish_claimed(admitted_[index], std::move(value));
   }
 
   /// Fails admitted job `index`, and every job that shares its slot, with `error`.
@@ -199,17 +206,46 @@ private:
     return coalesce_ ? first_follower_[index] : no_match;
   }
 
+  /// Matches results to admitted jobs, then ends them: the jobs that get a result are claimed and
+  /// counted together (one atomic add per batch, not per job) before any of them is finished.
   void correlate(std::vector<Result>& results) {
-    answered_.assign(admitted_.size(), false);
+    answered_.assign(admitted_.size(), false); // capacity reserved in run(): no allocation
+    matched_.clear();
+    try {
+      matched_.reserve(results.size()); // more results than jobs is allowed (the extra ones are dropped)
+    } catch (...) {                     // out of memory: the batch fails, the batcher goes on
+      std::exception_ptr error = std::current_exception();
+      for (std::size_t index = 0; index < admitted_.size(); ++index)
+        fail_admitted(index, error);
+      release_error(error);
+      return;
+    }
     std::uint64_t uncorrelated = 0;
     for (std::size_t position = 0; position < results.size(); ++position) {
       const std::size_t index = correlation_.match(results[position], position, admitted_.size());
       if (index == no_match || answered_[index]) {
         ++uncorrelated;
+        matched_.push_back(no_match);
         continue;
       }
       answered_[index] = true;
-      succeed(index, std::move(results[position]));
+      matched_.push_back(index);
+    }
+    claimed_.assign(admitted_.size(), false);
+    std::uint64_t completed = 0;
+    for (const std::size_t index : matched_) {
+      if (index == no_match) continue;
+      if (admitted_[index]->try_claim()) {
+        claimed_[index] = true;
+        ++completed;
+      } else {
+        admitted_[index]->abandon(); // its caller cancelled it meanwhile: only the result is dropped
+      }
+    }
+    if (completed != 0) host_.count_completed(completed);
+    for (std::size_t position = 0; position < results.size(); ++position) {
+      const std::size_t index = matched_[position];
+      if (index != no_match) succeed(index, std::move(results[position]), claimed_[index]);
     }
     for (std::size_t index = 0; index < admitted_.size(); ++index) {
       if (answered_[index]) continue;
@@ -227,7 +263,9 @@ private:
   std::vector<node_type*> admitted_;   // admitted_[i] owns jobs_[i]
   std::vector<std::size_t> positions_; // positions_[i]: admitted_[i]'s position in its batch
   std::vector<bool> answered_;
-  std::size_t failed_ = 0; // jobs of the running batch that ended with an error
+  std::vector<bool> claimed_;        // per admitted job: claimed by this runner for its result
+  std::vector<std::size_t> matched_; // per result: the admitted job it answers, or no_match
+  std::size_t failed_ = 0;           // jobs of the running batch that ended with an error
   const bool coalesce_;
   struct follower {
     node_type* job;
