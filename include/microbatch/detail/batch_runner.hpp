@@ -112,6 +112,7 @@ public:
       admit(job, position);
     }
     if (admitted_.empty()) return;
+    if (!followers_.empty()) host_.count_coalesced(followers_.size()); // before any of them ends
 
     std::vector<Result> results;
     std::exception_ptr processor_error;
@@ -131,7 +132,6 @@ public:
     } else {
       correlate(results);
     }
-    if (!followers_.empty()) host_.count_coalesced(followers_.size());
     host_.batch_ran(BatchInfo{offered.trigger, processed, processed, failed_,
                               std::chrono::duration_cast<std::chrono::nanoseconds>(called - started),
                               std::chrono::duration_cast<std::chrono::nanoseconds>(returned - called)});
