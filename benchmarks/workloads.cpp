@@ -1,4 +1,4 @@
-// microbatch vs the baseline (benchmarks/baseline), workloads W1-W7, side by side in one binary and run.
+// microbatch vs the baseline (benchmarks/baseline), workloads W1-W8, side by side in one binary and run.
 //
 // Job = {uint64 id}, Result = {uint64 id}, correlated by id; the processor returns one result per job
 // with the same id and no sleep; every result is checked. Timings are wall-clock (manual time), and
@@ -574,6 +574,63 @@ template <class B> void w2cb(benchmark::State& state) {
   record(state, w, impl, "ctx switches/batch", switches / batches, false);
 }
 
+// W8: dispatch_when_idle against a fixed delay, with a processor that costs what a database round
+// trip does (sleeps 200 us per call plus 2 us per job). Light load: one caller in a closed loop. Heavy
+// load: 64 coroutines in a closed loop. Size 256, delay 1 ms. The "baseline" column is the fixed delay,
+// the "microbatch" column dispatch_when_idle (both microbatch).
+struct RoundTrip {
+  std::vector<Result> operator()(std::span<Job> jobs) const {
+    std::this_thread::sleep_for(200us + 2us * jobs.size());
+    return Echo{}(jobs);
+  }
+};
+using round_trip_batcher = microbatch::Batcher<Job, Result, RoundTrip>;
+
+coroutine_task w8_caller(round_trip_batcher& batcher, std::uint64_t caller, int jobs, std::vector<double>& latencies_us,
+                         std::atomic<bool>& wrong, std::latch& done) {
+  for (int i = 0; i < jobs; ++i) {
+    const std::uint64_t id = (caller << 32) | std::uint64_t(i);
+    const auto t0 = clock_type::now();
+    const Result result = co_await batcher.async_execute_job(Job{id});
+    if (result.id != id) wrong = true;
+    latencies_us.push_back(seconds_between(t0, clock_type::now()) * 1e6);
+  }
+  done.count_down();
+}
+
+void w8_when_idle(benchmark::State& state) {
+  const bool when_idle = state.range(0) != 0;
+  const bool heavy = state.range(1) != 0;
+  const int callers = heavy ? 64 : 1;
+  const int jobs_each = smoke ? 10 : heavy ? 300 : 1500;
+  std::vector<std::vector<double>> latencies(static_cast<std::size_t>(callers));
+  double total_s = 0, total_jobs = 0;
+  for (auto _ : state) {
+    microbatch::Options options{.max_batch_size = 256, .max_batch_delay = 1ms};
+    options.dispatch_when_idle = when_idle;
+    round_trip_batcher batcher(RoundTrip{}, &Job::id, &Result::id, options);
+    std::atomic<bool> wrong{false};
+    std::latch done(callers);
+    const auto t0 = clock_type::now();
+    for (int c = 0; c < callers; ++c)
+      w8_caller(batcher, std::uint64_t(c), jobs_each, latencies[std::size_t(c)], wrong, done);
+    done.wait();
+    const double elapsed = seconds_between(t0, clock_type::now());
+    if (wrong) state.SkipWithError("wrong result");
+    state.SetIterationTime(elapsed);
+    total_s += elapsed;
+    total_jobs += double(callers) * jobs_each;
+  }
+  std::vector<double> all;
+  for (auto& v : latencies)
+    all.insert(all.end(), v.begin(), v.end());
+  const std::string w = heavy ? "W8 heavy 64 coroutines" : "W8 light 1 caller";
+  const char* column = when_idle ? "microbatch" : "baseline";
+  record(state, w, column, "jobs/s", total_jobs / total_s, true);
+  record(state, w, column, "p50 us", percentile(all, 0.50), false);
+  record(state, w, column, "p99 us", percentile(all, 0.99), false);
+}
+
 // W7: DataLoader. 64 threads make 1,000,000 loads over 10,000 keys drawn from a Zipf distribution
 // (s = 1.0; drawn before timing from a seeded std::mt19937_64, so every run and implementation loads
 // the same sequence). Each thread makes its loads (keeping the futures), then checks every answer; the
@@ -737,6 +794,15 @@ void register_all() {
           ->UseManualTime()
           ->Iterations(1)
           ->Unit(benchmark::kMillisecond);
+  for (int heavy : {0, 1})
+    for (int run = 0; run < runs; ++run)
+      for (int when_idle : {0, 1})
+        benchmark::RegisterBenchmark(when_idle != 0 ? "W8_when_idle/dispatch_when_idle" : "W8_when_idle/fixed_delay",
+                                     w8_when_idle)
+            ->Args({when_idle, heavy})
+            ->UseManualTime()
+            ->Iterations(1)
+            ->Unit(benchmark::kMillisecond);
   for (int style : {0, 1, 2})
     benchmark::RegisterBenchmark("W6_64_requests/microbatch", w6_request_styles)
         ->Arg(style)
@@ -770,6 +836,9 @@ void print_table() {
   if (!w3_parts_summary.empty()) std::printf("%s\n", w3_parts_summary.c_str());
   for (const auto& [style, rate] : w6_jobs_per_s)
     std::printf("W6 64 concurrent requests, closed loop, microbatch: %-24s %.6g jobs/s\n", style.c_str(), rate);
+  if (table.count("W8 light 1 caller") != 0)
+    std::printf("W8: baseline = fixed 1 ms delay, microbatch = dispatch_when_idle (both microbatch; processor sleeps\n"
+                "    200 us per call + 2 us per job; size 256)\n");
   if (table.count("W7 DataLoader unbounded") != 0)
     std::printf(
         "W7: baseline = one std::mutex around an unordered_map of shared_futures in front of the same batcher;\n"
