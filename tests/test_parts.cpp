@@ -20,6 +20,7 @@ struct node {
   node* batch_last = nullptr;
   std::size_t batch_size = 0;
   microbatch::Trigger batch_trigger = microbatch::Trigger::size;
+  std::size_t weight = 1;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::time_point::min();
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   int id = 0;
@@ -186,6 +187,11 @@ TEST_CASE("histogram: p50 and p99 within 5%, max exact, zero when empty", "[part
   CHECK(p.max == 1000us);
   CHECK(std::abs(double(p.p50.count()) - 500e3) <= 0.05 * 500e3);
   CHECK(std::abs(double(p.p99.count()) - 990e3) <= 0.05 * 990e3);
+  microbatch::detail::histogram two; // nearest rank: p99 of two samples is the larger one
+  two.record(10ms);
+  two.record(20ms);
+  CHECK(two.percentiles().p99 >= 20ms * 0.97);
+  CHECK(two.percentiles().p50 <= 10ms * 1.03);
   microbatch::detail::histogram small;
   small.record(7ns);
   CHECK(small.percentiles().p50 == 7ns); // below 32 ns every value has its own bucket

@@ -237,3 +237,68 @@ TEST_CASE("DuplicateIds::coalesce is refused without IDs or with a Result that c
   using move_only = microbatch::Batcher<Job, Unique, decltype(process)>;
   CHECK_THROWS_WITH(move_only(process, &Job::id, &Unique::id, options), Catch::Contains("copy-constructible"));
 }
+
+namespace {
+/// A processor whose jobs weigh their `value` (think: bytes of a payload).
+struct weighing_processor {
+  batch_log* log;
+  std::vector<Result> operator()(std::span<Job> jobs) const {
+    log->record(jobs);
+    return doubled(jobs);
+  }
+  std::size_t weight(const Job& job) const { return std::size_t(job.value); }
+};
+} // namespace
+
+TEST_CASE("max_batch_weight: a batch that reaches the weight goes at once; a job that would exceed it closes "
+          "the batch first",
+          "[policies][weight]") {
+  batch_log log;
+  std::mutex seen_mutex;
+  std::vector<std::pair<microbatch::Trigger, std::size_t>> seen; // guarded by seen_mutex
+  Options options{.max_batch_size = 100, .max_batch_delay = 1h};
+  options.max_batch_weight = 10;
+  options.on_batch = [&](const microbatch::BatchInfo& info) {
+    std::lock_guard lock(seen_mutex);
+    seen.emplace_back(info.trigger, info.weight);
+  };
+  microbatch::Batcher batcher(weighing_processor{&log}, &Job::id, &Result::id, options);
+  auto a = batcher.submit({1, 4});
+  auto b = batcher.submit({2, 6}); // 4 + 6 = 10: reaches the limit, goes at once
+  CHECK(a.get().value == 8);
+  CHECK(b.get().value == 12);
+  auto c = batcher.submit({3, 7});
+  auto d = batcher.submit({4, 5}); // 7 + 5 > 10: {3} goes, {4} starts the next batch
+  CHECK(c.get().value == 14);
+  CHECK_FALSE(is_ready(d));
+  batcher.flush();
+  CHECK(d.get().value == 10);
+  CHECK(log.batches() == std::vector<std::vector<std::uint64_t>>{{1, 2}, {3}, {4}});
+  batcher.shutdown();
+  auto stats = batcher.stats();
+  CHECK(stats.batches_weight == 2);
+  CHECK(stats.batches_flushed == 1);
+  using microbatch::Trigger;
+  CHECK(seen ==
+        std::vector<std::pair<Trigger, std::size_t>>{{Trigger::weight, 10}, {Trigger::weight, 7}, {Trigger::flush, 5}});
+}
+
+TEST_CASE("max_batch_weight: a job heavier than the limit is refused with oversized_job", "[policies][weight]") {
+  batch_log log;
+  Options options{.max_batch_size = 100, .max_batch_delay = 1h};
+  options.max_batch_weight = 10;
+  microbatch::Batcher batcher(weighing_processor{&log}, &Job::id, &Result::id, options);
+  CHECK_THROWS_AS(batcher.submit({1, 11}), microbatch::oversized_job);
+  CHECK_THROWS_WITH(batcher.execute_job({1, 11}), Catch::Contains("11") && Catch::Contains("max_batch_weight (10)"));
+  CHECK(batcher.stats().jobs_submitted == 0);
+  auto fits = batcher.submit({2, 10});
+  CHECK(fits.get().value == 20);
+}
+
+TEST_CASE("max_batch_weight without a weight member is refused by the constructor", "[policies][weight][errors]") {
+  Options options;
+  options.max_batch_weight = 10;
+  using unweighed = microbatch::Batcher<Job, Result, decltype(&doubled)>;
+  CHECK_THROWS_AS(unweighed(&doubled, &Job::id, &Result::id, options), std::invalid_argument);
+  CHECK_THROWS_WITH(unweighed(&doubled, &Job::id, &Result::id, options), Catch::Contains("max_batch_weight"));
+}

@@ -211,3 +211,22 @@ TEST_CASE("Shutdown::cancel escalates a drain in progress - queued jobs fail at 
   CHECK(stats.jobs_failed == 5);
   CHECK(stats.pending_jobs == 0);
 }
+
+TEST_CASE("the batcher may be destroyed as soon as a callback's job ended, even while submit is returning",
+          "[shutdown]") {
+  // The callback runs on a worker and may complete before `submit` has returned on the submitting
+  // thread; its owner then destroys the batcher. `shutdown` waits until that `submit` is out (ASan
+  // would report the use after free otherwise). Many rounds make the window likely to be hit.
+  for (int round = 0; round < 200; ++round) {
+    auto batcher = std::make_unique<microbatch::Batcher<Job, Result, decltype(&doubled)>>(
+        &doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
+    std::promise<int> ended;
+    auto result = ended.get_future();
+    std::thread submitter([&] {
+      batcher->submit({1, 21}, [&](microbatch::Outcome<Result>&& outcome) { ended.set_value(outcome.value().value); });
+    });
+    CHECK(result.get() == 42);
+    batcher.reset(); // the submitting thread may still be inside submit
+    submitter.join();
+  }
+}

@@ -350,6 +350,13 @@ public:
     collector_.join();
     for (auto& worker : workers_)
       worker.join();
+    std::uint64_t published = 0; // every job the inbox ever took: the closed inbox holds no more
+    {
+      std::lock_guard forming_lock(forming_.mutex());
+      published = forming_.taken();
+    }
+    while (enqueues_returned_.load(std::memory_order_acquire) < published)
+      std::this_thread::yield(); // a submitter between its push and its return: microseconds
     joined_ = true;
   }
 
@@ -369,7 +376,8 @@ public:
     s.batches_timed_out = batches_timed_out_.load(std::memory_order_relaxed);
     s.batches_flushed = batches_flushed_.load(std::memory_order_relaxed);
     s.batches_idle = batches_idle_.load(std::memory_order_relaxed);
-    s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed + s.batches_idle;
+    s.batches_weight = batches_weight_.load(std::memory_order_relaxed);
+    s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed + s.batches_idle + s.batches_weight;
     s.jobs_coalesced = jobs_coalesced_.load(std::memory_order_relaxed);
     s.observer_errors = observer_errors_.load(std::memory_order_relaxed);
     const auto calls = processor_calls_.load(std::memory_order_relaxed);
@@ -389,7 +397,33 @@ private:
   using batch = detail::job_list<node_type>;
   using failure = detail::failure;
 
+  /// The processor, through a `std::reference_wrapper` if it is one.
+  static const auto& unwrapped(const Processor& processor) noexcept {
+    if constexpr (detail::is_reference_wrapper_v<Processor>) {
+      return processor.get();
+    } else {
+      return processor;
+    }
+  }
+  static constexpr bool has_weight = requires(const Processor& processor, const Job& job) {
+    { unwrapped(processor).weight(job) } -> std::convertible_to<std::size_t>;
+  };
+
+  /// Sets `job.weight` from `Processor::weight`; refuses a job heavier than the limit on its own.
+  void weigh(node_type& job) {
+    if constexpr (has_weight) {
+      job.weight = static_cast<std::size_t>(unwrapped(processor_).weight(std::as_const(job.job)));
+      if (job.weight > options_.max_batch_weight)
+        throw oversized_job("microbatch::Batcher::submit: the job's weight (" + std::to_string(job.weight) +
+                            ") exceeds max_batch_weight (" + std::to_string(options_.max_batch_weight) +
+                            "): no batch could hold it");
+    }
+  }
+
   static Options checked(Options options, bool keyed) {
+    if (options.max_batch_weight != 0 && !has_weight)
+      throw std::invalid_argument("microbatch::Options::max_batch_weight needs a processor with a member "
+                                  "std::size_t weight(const Job&) const");
     if (options.duplicate_ids == DuplicateIds::coalesce && !keyed)
       throw std::invalid_argument("microbatch::Options::duplicate_ids: DuplicateIds::coalesce needs correlation IDs "
                                   "(job_id, result_id); positional mode has none");
@@ -449,8 +483,10 @@ private:
                               ": the deadline passed before the job was submitted");
   }
 
-  /// Takes a place (backpressure), then queues `job`; on success the batcher owns it.
+  /// Weighs `job` (with a weight limit), takes a place (backpressure), then queues it; on success the
+  /// batcher owns it.
   template <class StopToken = detail::never_stops> void admit_and_enqueue(node_type* job, const StopToken& stop = {}) {
+    if (options_.max_batch_weight != 0) weigh(*job);
     admission_.reserve(jobs_rejected_, current_batcher() == this, stop);
     enqueue(job);
   }
@@ -461,13 +497,21 @@ private:
   /// look, or has a deadline before it.
   void enqueue(node_type* job) {
     const time_point deadline = job->deadline; // after the push, the node may already be gone
+    const std::size_t weight = job->weight;
     time_point arrival = time_point::max();
     const auto pushed = forming_.push(job, [&](node_type* first) { first->arrival = arrival = now(); });
     if (pushed == detail::batch_forming<node_type>::push_result::closed) {
       admission_.release();
       throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
     }
-    if (forming_.count_arrival()) form_full_batches();
+    // From here the job may end at any moment on another thread, and a callback or coroutine that
+    // completes it may let its owner shut down and destroy the batcher while this call still runs:
+    // `shutdown` waits until every call that published a job has counted itself out here, last.
+    struct count_out {
+      std::atomic<std::uint64_t>& returned;
+      ~count_out() { returned.fetch_add(1, std::memory_order_release); }
+    } on_return{enqueues_returned_};
+    if (forming_.count_arrival(weight)) form_full_batches();
     if (options_.dispatch_when_idle && ready_.idle() != 0) dispatch_for_idle_worker();
     if (arrival != time_point::max() && options_.max_batch_delay.count() > 0)
       clock_.wake_by(saturating_add(arrival, options_.max_batch_delay));
@@ -477,21 +521,23 @@ private:
   /// A forming pass on the thread whose job filled the batch.
   void form_full_batches() {
     std::lock_guard lock(forming_.mutex());
-    forming_.take_arrivals(now(), [&](batch full) { dispatch(full, Trigger::size); });
-    clock_.wake_by(forming_.due()); // jobs left over from a full batch start the next one now
+    forming_.take_arrivals(now(), [&](batch full) { dispatch(full, full.trigger); });
+    // Jobs left over from a full batch start the next one now; a job taken here may carry the
+    // earliest deadline, which its submitter found already covered by a plan that was then replaced.
+    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
   }
 
   /// Dispatch when idle, on a submitting thread that found a worker idle: the forming batch goes now,
   /// if no queued batch will occupy that worker first.
   void dispatch_for_idle_worker() {
     std::lock_guard lock(forming_.mutex());
-    auto full = [&](batch formed) { dispatch(formed, Trigger::size); };
+    auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
     forming_.take_arrivals(now(), full);
     if (!forming_.empty() && ready_.idle_capacity() != 0) {
       dispatch(forming_.cut(), Trigger::idle);
       forming_.take_arrivals(now(), full); // re-arms the size threshold
     }
-    clock_.wake_by(forming_.due());
+    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
   }
 
   /// Dispatch when idle, on a worker about to sleep with jobs waiting: it takes the forming batch
@@ -499,7 +545,7 @@ private:
   /// batch came first. Returns the batch to run (possibly empty).
   batch take_for_idle_worker() {
     std::lock_guard lock(forming_.mutex());
-    auto full = [&](batch formed) { dispatch(formed, Trigger::size); };
+    auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
     forming_.take_arrivals(now(), full);
     batch taken;
     if (!forming_.empty() && ready_.empty()) {
@@ -508,7 +554,7 @@ private:
       taken.trigger = Trigger::idle;
       forming_.take_arrivals(now(), full);
     }
-    clock_.wake_by(forming_.due());
+    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
     return taken;
   }
 
@@ -522,8 +568,10 @@ private:
   void count_dispatch(Trigger why) noexcept {
     switch (why) {
     case Trigger::size:
-    case Trigger::weight:
       batches_full_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    case Trigger::weight:
+      batches_weight_.fetch_add(1, std::memory_order_relaxed);
       break;
     case Trigger::delay:
       batches_timed_out_.fetch_add(1, std::memory_order_relaxed);
@@ -659,16 +707,17 @@ private:
           ready_.remove_if([](node_type*) { return true; }, leaving);
           finished = true;
         } else {
-          auto full = [&](batch formed) { dispatch(formed, Trigger::size); };
+          auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
           forming_.take_arrivals(now_time, full, stopping);
+          // Expired and cancelled jobs leave first, so that no batch is dispatched with them.
+          if (sweep_requested_.exchange(false, std::memory_order_acq_rel) || forming_.earliest_deadline() <= now_time)
+            expire(now_time, leaving);
           const bool flush_wanted = requests.flush_ticket > flushes_served;
           if (!forming_.empty() && (stopping || flush_wanted || forming_.due() <= now_time)) {
             const bool timed_out = forming_.due() <= now_time; // the delay's, even if a flush came too
             dispatch(forming_.cut(), timed_out ? Trigger::delay : stopping ? Trigger::shutdown : Trigger::flush);
             forming_.take_arrivals(now_time, full, stopping); // re-arms the size threshold
           }
-          if (sweep_requested_.exchange(false, std::memory_order_acq_rel) || forming_.earliest_deadline() <= now_time)
-            expire(now_time, leaving);
           // Draining: the clock runs until the last queued batch is taken, so deadlines hold meanwhile.
           finished = stopping && forming_.empty() && ready_.empty();
         }
@@ -696,6 +745,7 @@ private:
       // A job published before the plan was visible is seen here; one published after it sees the
       // plan and wakes the collector if it must (the inbox is closed once stopping).
       if (!stopping && !forming_.inbox_empty()) continue;
+      if (clock_.planned() <= now_time) continue; // already due (a job taken late in this round)
       clock_.sleep();
     }
   }
@@ -712,7 +762,7 @@ private:
     forming_.remove_if(leaves, leaving);
     ready_.remove_if(leaves, leaving);
     forming_.set_earliest_deadline(earliest);
-    forming_.take_arrivals(now_time, [&](batch full) { dispatch(full, Trigger::size); }); // re-arms
+    forming_.take_arrivals(now_time, [&](batch full) { dispatch(full, full.trigger); }); // re-arms
   }
 
   // ---- worker threads ----
@@ -751,10 +801,12 @@ private:
 
   // The parts, in the order a job meets them.
   detail::admission admission_{options_.max_pending_jobs, options_.overflow};
-  detail::batch_forming<node_type> forming_{options_.max_batch_size, options_.max_batch_delay};
+  detail::batch_forming<node_type> forming_{options_.max_batch_size, options_.max_batch_delay,
+                                            options_.max_batch_weight};
   detail::collector_clock clock_{options_.clock};
   detail::ready_queue<node_type> ready_;
-  std::atomic<bool> sweep_requested_{false}; // a queued job was cancelled: the collector drops it
+  std::atomic<bool> sweep_requested_{false};        // a queued job was cancelled: the collector drops it
+  std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
   runner_link runner_link_{*this};
 
   // Counters (Stats).
@@ -767,6 +819,7 @@ private:
   std::atomic<std::uint64_t> batches_timed_out_{0};
   std::atomic<std::uint64_t> batches_flushed_{0};
   std::atomic<std::uint64_t> batches_idle_{0};
+  std::atomic<std::uint64_t> batches_weight_{0};
   std::atomic<std::uint64_t> jobs_coalesced_{0};
   std::atomic<std::uint64_t> observer_errors_{0};
   std::atomic<std::uint64_t> processor_calls_{0};

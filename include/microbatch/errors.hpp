@@ -47,6 +47,13 @@ public:
   using error::error;
 };
 
+/// The job's weight alone exceeds `Options::max_batch_weight`, so no batch could ever hold it. Thrown
+/// by `submit` / `execute_job`; the job is not accepted. The message names the weight and the limit.
+class oversized_job : public error {
+public:
+  using error::error;
+};
+
 /// The caller's `std::stop_token` was triggered before the job completed. A job already in the
 /// processor still runs; its result is discarded.
 class cancelled : public error {

@@ -30,7 +30,7 @@ enum class Trigger {
   flush,    ///< flush()
   shutdown, ///< shutdown() dispatched what was queued
   idle,     ///< dispatch_when_idle: a processor slot was free
-  weight,   ///< max_batch_weight (reserved: weights are not implemented yet)
+  weight,   ///< max_batch_weight: it reached the limit, or the next job would have taken it over
 };
 
 /// What `Options::on_batch` is told about one batch that reached the processor.
@@ -96,6 +96,15 @@ struct Options {
   /// loaded batcher adds no latency, and batches grow only under load. Default false.
   bool dispatch_when_idle = false;
 
+  /// Bound on a batch's total weight, for a Processor with a member `std::size_t weight(const Job&)
+  /// const` (e.g. bytes, rows, tokens): a batch whose weight reaches it is dispatched at once, and a job
+  /// that would take the forming batch over it closes that batch first and starts the next one
+  /// (`Trigger::weight`, `Stats::batches_weight`). A job heavier than the limit on its own is refused
+  /// with `oversized_job`. `weight` is called once per job, on the submitting thread; it must be
+  /// thread-safe. 0 (default) = no limit. Nonzero with a Processor without `weight`: the constructor
+  /// throws `std::invalid_argument`. `max_pending_jobs` still counts jobs.
+  std::size_t max_batch_weight = 0;
+
   /// Jobs of one batch with equal IDs: `reject` (default) fails the later ones with `duplicate_id`;
   /// `coalesce` hands the first to the processor and gives the others a copy of its outcome (counted in
   /// `Stats::jobs_coalesced`). `coalesce` needs ID extractors and a copy-constructible Result (else the
@@ -127,6 +136,7 @@ struct Stats {
   std::uint64_t jobs_rejected = 0;        ///< submits that threw queue_full (never accepted)
   std::uint64_t callback_errors = 0;      ///< exceptions that escaped submit's on_complete (contained)
   std::uint64_t batches_idle = 0;         ///< batches dispatched because a processor slot was idle
+  std::uint64_t batches_weight = 0;       ///< batches dispatched by max_batch_weight
   std::uint64_t jobs_coalesced = 0;       ///< jobs that shared an equal-ID job's slot (DuplicateIds::coalesce)
   std::uint64_t observer_errors = 0;      ///< exceptions that escaped Options::on_batch (contained)
   double batch_size_mean = 0;             ///< jobs per processor call, over the batcher's life

@@ -38,9 +38,11 @@ public:
   using time_point = std::chrono::steady_clock::time_point;
   using push_result = typename inbox<Node>::push_result;
 
-  batch_forming(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay)
-      : max_size_(max_batch_size), delay_(max_batch_delay) {
+  /// `max_batch_weight` 0: no weight limit (each job's `weight` is then ignored).
+  batch_forming(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay, std::size_t max_batch_weight = 0)
+      : max_size_(max_batch_size), delay_(max_batch_delay), max_weight_(max_batch_weight) {
     fill_at_.store(max_size_ == 0 ? never : max_size_, std::memory_order_relaxed);
+    weight_fill_at_.store(max_weight_ == 0 ? never : max_weight_, std::memory_order_relaxed);
   }
   batch_forming(const batch_forming&) = delete;
   batch_forming& operator=(const batch_forming&) = delete;
@@ -51,12 +53,19 @@ public:
     return inbox_.push(job, std::forward<Stamp>(stamp));
   }
 
-  /// Counts a published job. True if this arrival fills the forming batch: the caller must run a
-  /// forming pass (`take_arrivals`). Lock-free.
-  bool count_arrival() noexcept {
+  /// Counts a published job (of `weight`, with a weight limit). True if this arrival fills the forming
+  /// batch, by count or by weight: the caller must run a forming pass (`take_arrivals`). Lock-free.
+  bool count_arrival(std::size_t weight = 1) noexcept {
     const std::uint64_t count = arrivals_.fetch_add(1, std::memory_order_seq_cst) + 1;
-    return count >= fill_at_.load(std::memory_order_seq_cst) &&
-           fill_at_.exchange(never, std::memory_order_seq_cst) != never;
+    bool full = count >= fill_at_.load(std::memory_order_seq_cst) &&
+                fill_at_.exchange(never, std::memory_order_seq_cst) != never;
+    if (max_weight_ != 0) {
+      const std::uint64_t total = weight_arrived_.fetch_add(weight, std::memory_order_seq_cst) + weight;
+      full = (total >= weight_fill_at_.load(std::memory_order_seq_cst) &&
+              weight_fill_at_.exchange(never, std::memory_order_seq_cst) != never) ||
+             full;
+    }
+    return full;
   }
 
   /// Jobs counted so far. Lock-free.
@@ -69,7 +78,9 @@ public:
   std::mutex& mutex() noexcept { return mutex_; }
 
   /// (mutex held) Moves every published job into the forming batch, in arrival order, and calls
-  /// `full(job_list)` for each batch that reaches `max_batch_size`; then re-arms the fill threshold,
+  /// `full(job_list)` for each batch that reaches `max_batch_size` (its `trigger`: `Trigger::size`) or
+  /// `max_batch_weight` (`Trigger::weight`; a job that would take the batch over the weight limit first
+  /// closes it and then starts the next one); then re-arms the fill thresholds,
   /// going round again if a submitter crossed it meanwhile. With `closing`, later pushes fail. Jobs
   /// that were first into an empty inbox carry their arrival time; a forming batch starts at its first
   /// job's (or at `now` for jobs left over from a full batch).
@@ -80,13 +91,25 @@ public:
         Node* job = arrived;
         arrived = job->next; // before `full`: a worker may end the job at once
         ++taken_;
+        if (max_weight_ != 0) {
+          weight_taken_ += job->weight;
+          if (!forming_.empty() && forming_weight_ + job->weight > max_weight_) full(cut(Trigger::weight));
+        }
         if (forming_.empty()) start_ = job->arrival != time_point::min() ? job->arrival : now;
         earliest_deadline_ = std::min(earliest_deadline_, job->deadline);
         forming_.push_back(job);
-        if (max_size_ != 0 && forming_.size >= max_size_) full(cut());
+        forming_weight_ += job->weight;
+        if (max_weight_ != 0 && forming_weight_ >= max_weight_) {
+          full(cut(Trigger::weight));
+        } else if (max_size_ != 0 && forming_.size >= max_size_) {
+          full(cut(Trigger::size));
+        }
       }
     } while (rearm());
   }
+
+  /// (mutex held) Jobs taken from the inbox, ever (after `close`: every job ever published).
+  [[nodiscard]] std::uint64_t taken() const noexcept { return taken_; }
 
   /// (mutex held) Jobs in the forming batch.
   [[nodiscard]] std::size_t size() const noexcept { return forming_.size; }
@@ -101,9 +124,11 @@ public:
 
   /// (mutex held) Takes the whole forming batch, leaving it empty. Call `take_arrivals` before
   /// unlocking: it re-arms the fill threshold for the next batch.
-  job_list<Node> cut() noexcept {
+  job_list<Node> cut(Trigger why = Trigger::size) noexcept {
     job_list<Node> batch = forming_;
+    batch.trigger = why;
     forming_ = {};
+    forming_weight_ = 0;
     if (batch.first != nullptr) batch.first->arrival = start_; // the batch's start travels with it
     return batch;
   }
@@ -118,6 +143,8 @@ public:
   /// Call `take_arrivals` before unlocking (it re-arms the fill threshold).
   template <class Leaves> void remove_if(Leaves&& leaves, job_list<Node>& removed) {
     forming_.remove_if(std::forward<Leaves>(leaves), removed);
+    forming_weight_ = 0;
+    forming_.for_each([&](Node* job) { forming_weight_ += job->weight; });
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -129,24 +156,37 @@ private:
   /// was already reached (the jobs are in the inbox: take them now). A submitter may have seen the same
   /// crossing and be waiting for the lock: its pass then finds nothing to do.
   bool rearm() noexcept {
-    if (max_size_ == 0) return false;
-    const std::uint64_t fill_at = taken_ + (max_size_ - forming_.size);
-    fill_at_.store(fill_at, std::memory_order_seq_cst);
-    return arrivals_.load(std::memory_order_seq_cst) >= fill_at;
+    bool again = false;
+    if (max_size_ != 0) {
+      const std::uint64_t fill_at = taken_ + (max_size_ - forming_.size);
+      fill_at_.store(fill_at, std::memory_order_seq_cst);
+      again = arrivals_.load(std::memory_order_seq_cst) >= fill_at;
+    }
+    if (max_weight_ != 0) { // forming_weight_ < max_weight_ here: a batch that reached it was cut
+      const std::uint64_t fill_at = weight_taken_ + (max_weight_ - forming_weight_);
+      weight_fill_at_.store(fill_at, std::memory_order_seq_cst);
+      again = weight_arrived_.load(std::memory_order_seq_cst) >= fill_at || again;
+    }
+    return again;
   }
 
   const std::size_t max_size_;
   const std::chrono::nanoseconds delay_;
+  const std::size_t max_weight_;
 
   inbox<Node> inbox_;
-  alignas(64) std::atomic<std::uint64_t> arrivals_{0}; // jobs published and counted, ever
-  alignas(64) std::atomic<std::uint64_t> fill_at_{0};  // arrivals_ value that fills the forming batch
+  alignas(64) std::atomic<std::uint64_t> arrivals_{0};       // jobs published and counted, ever
+  alignas(64) std::atomic<std::uint64_t> fill_at_{0};        // arrivals_ value that fills the forming batch
+  alignas(64) std::atomic<std::uint64_t> weight_arrived_{0}; // with a weight limit: weight counted, ever
+  std::atomic<std::uint64_t> weight_fill_at_{0};             // weight_arrived_ value that fills it
 
   std::mutex mutex_;
   job_list<Node> forming_;                           // guarded by mutex_
   time_point start_{};                               // guarded by mutex_; the forming batch's first arrival
   time_point earliest_deadline_ = time_point::max(); // guarded by mutex_
   std::uint64_t taken_ = 0;                          // guarded by mutex_; jobs moved out of the inbox, ever
+  std::uint64_t weight_taken_ = 0;                   // guarded by mutex_; their weight (with a limit)
+  std::uint64_t forming_weight_ = 0;                 // guarded by mutex_; the forming batch's weight
 };
 
 } // namespace microbatch::detail

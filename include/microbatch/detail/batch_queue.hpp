@@ -44,6 +44,7 @@ template <class Node> struct job_list {
   /// Unlinks, in order, the nodes for which `remove(node)` is true, appending them to `removed`.
   template <class Remove> void remove_if(Remove&& remove, job_list& removed) noexcept {
     job_list kept;
+    kept.trigger = trigger;
     for (Node* node = first; node != nullptr;) {
       Node* next = node->next;
       if (remove(node)) {

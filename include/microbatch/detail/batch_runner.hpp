@@ -73,6 +73,7 @@ public:
                              ? offered.first->arrival
                              : now_time; // the batch's start (its oldest job's arrival)
     failed_ = 0;
+    admitted_weight_ = 0;
     jobs_.clear();
     admitted_.clear();
     positions_.clear();
@@ -132,7 +133,7 @@ public:
     } else {
       correlate(results);
     }
-    host_.batch_ran(BatchInfo{offered.trigger, processed, processed, failed_,
+    host_.batch_ran(BatchInfo{offered.trigger, processed, admitted_weight_, failed_,
                               std::chrono::duration_cast<std::chrono::nanoseconds>(called - started),
                               std::chrono::duration_cast<std::chrono::nanoseconds>(returned - called)});
   }
@@ -177,6 +178,7 @@ private:
     }
     admitted_.push_back(job);
     positions_.push_back(position);
+    admitted_weight_ += job->weight;
     if (coalesce_) first_follower_.push_back(no_match);
   }
 
@@ -266,6 +268,7 @@ private:
   std::vector<bool> claimed_;        // per admitted job: claimed by this runner for its result
   std::vector<std::size_t> matched_; // per result: the admitted job it answers, or no_match
   std::size_t failed_ = 0;           // jobs of the running batch that ended with an error
+  std::size_t admitted_weight_ = 0;  // their total weight (1 per job without weights)
   const bool coalesce_;
   struct follower {
     node_type* job;

@@ -130,6 +130,11 @@ public:
     planned_.store(wake_at.time_since_epoch().count(), std::memory_order_seq_cst);
   }
 
+  /// (collector) The plan as it stands (others may have lowered it).
+  [[nodiscard]] time_point planned() const noexcept {
+    return time_point{time_point::duration{planned_.load(std::memory_order_seq_cst)}};
+  }
+
   /// (collector) Sleeps until the planned time or a wake-up, whichever is first.
   void sleep() {
     const time_point wake_at{time_point::duration{planned_.load(std::memory_order_seq_cst)}};

@@ -58,6 +58,9 @@ struct processor_traits<Processor> : processor_signature<decltype(&Processor::op
 template <class Processor>
 struct processor_traits<std::reference_wrapper<Processor>> : processor_traits<std::remove_cv_t<Processor>> {};
 
+template <class T> inline constexpr bool is_reference_wrapper_v = false;
+template <class T> inline constexpr bool is_reference_wrapper_v<std::reference_wrapper<T>> = true;
+
 template <class Processor> using processor_job_t = typename processor_traits<Processor>::job;
 template <class Processor> using processor_result_t = typename processor_traits<Processor>::result;
 

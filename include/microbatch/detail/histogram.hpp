@@ -7,6 +7,7 @@
 #include <atomic>
 #include <bit>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -37,8 +38,9 @@ public:
     const std::uint64_t max = max_.load(std::memory_order_relaxed);
     if (total == 0) return {};
     auto at = [&](double fraction) {
-      // The smallest value with at least `fraction` of the records at or below it.
-      const auto rank = static_cast<std::uint64_t>(fraction * double(total - 1)) + 1;
+      // Nearest rank: the smallest value with at least `fraction` of the records at or below it.
+      const auto wanted = std::ceil(fraction * double(total));
+      const std::uint64_t rank = wanted < 1.0 ? 1 : static_cast<std::uint64_t>(wanted);
       std::uint64_t seen = 0;
       for (std::size_t i = 0; i < buckets; ++i) {
         seen += snapshot[i];

@@ -71,6 +71,7 @@ public:
   time_point arrival = time_point::min(); // set when this job was the first into an empty inbox; in a
                                           // batch's first node, the batch's start
   time_point deadline = time_point::max();
+  std::size_t weight = 1; // Options::max_batch_weight: what Processor::weight said at submit
   Job job;
 
   /// True for the caller that gets to end the job. Thread-safe.
