@@ -162,11 +162,18 @@ public:
   }
 
 private:
+#if defined(_LIBCPP_VERSION)
+  // libc++ (19) asks for one block: 128 bytes of state (counts, mutex, condition variable, exception)
+  // plus the Result. Other versions may ask for more: what does not fit comes from the heap.
+  static constexpr std::size_t arena_bytes =
+      136 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? alignof(Result) : 0);
+#else
   // libstdc++ 12 asks for 56 bytes (the shared state with its control block), then 32 + sizeof(Result)
   // rounded up to 8 (the result holder, which keeps a copy of this allocator). Other libraries may ask
   // for more: what does not fit comes from the heap (test_allocations checks the count here).
   static constexpr std::size_t arena_bytes =
       88 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? alignof(Result) : 0);
+#endif
 
   promise_node(Job&& submitted, block* home)
       : job_node<Job, Result>(std::move(submitted)), promise(std::allocator_arg, arena_allocator<char>(home)),
