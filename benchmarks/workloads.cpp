@@ -140,6 +140,23 @@ double percentile(std::vector<double>& values, double p) {
   return values[std::min(index, values.size() - 1)];
 }
 
+// Memory figures for W2 and W2cb: heap in use is tracked from here on (its peak in heap::peak), and the
+// process's peak resident set (VmHWM) is reset after freed heap was given back to the system.
+void start_memory_watch() {
+  ::malloc_trim(0);
+  { std::ofstream("/proc/self/clear_refs") << "5"; }
+  heap::live = 0;
+  heap::peak = 0;
+  heap::track_peak = true;
+}
+
+double peak_rss_kib() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr);
+  return 0;
+}
+
 // Voluntary + involuntary context switches of the whole process so far (getrusage).
 double context_switches() {
   rusage usage{};
@@ -207,11 +224,7 @@ template <class B> void w2_open_loop(benchmark::State& state) {
   for (auto _ : state) {
     futures.clear();
     B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
-    ::malloc_trim(0);                                    // give freed heap back, so that the
-    { std::ofstream("/proc/self/clear_refs") << "5"; } // peak RSS (VmHWM) reset starts from here
-    heap::live = 0;
-    heap::peak = 0;
-    heap::track_peak = true;
+    start_memory_watch();
     const auto allocations_before = heap::allocations.load();
     const auto bytes_before = heap::bytes.load();
     const auto t0 = clock_type::now();
@@ -225,9 +238,7 @@ template <class B> void w2_open_loop(benchmark::State& state) {
     allocations += double(heap::allocations.load() - allocations_before);
     bytes += double(heap::bytes.load() - bytes_before);
     peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
-    std::ifstream status("/proc/self/status");
-    for (std::string line; std::getline(status, line);)
-      if (line.rfind("VmHWM:", 0) == 0) rss_kib = std::max(rss_kib, std::strtod(line.c_str() + 6, nullptr));
+    rss_kib = std::max(rss_kib, peak_rss_kib());
     if (wrong) state.SkipWithError("wrong result");
     state.SetIterationTime(elapsed);
     total_s += elapsed;
@@ -535,11 +546,7 @@ template <class B> void w2cb(benchmark::State& state) {
   double total_s = 0, total_jobs = 0, peak_bytes = 0, rss_kib = 0, switches = 0, batches = 0;
   for (auto _ : state) {
     B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
-    ::malloc_trim(0);                                    // give freed heap back, so that the
-    { std::ofstream("/proc/self/clear_refs") << "5"; } // peak RSS (VmHWM) reset starts from here
-    heap::live = 0;
-    heap::peak = 0;
-    heap::track_peak = true;
+    start_memory_watch();
     std::atomic<std::size_t> ran{0}, wrong{0};
     std::latch all_ran(static_cast<std::ptrdiff_t>(jobs));
     const double switches_before = context_switches();
@@ -556,9 +563,7 @@ template <class B> void w2cb(benchmark::State& state) {
     batches += double(batcher.stats().batches);
     heap::track_peak = false;
     peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
-    std::ifstream status("/proc/self/status");
-    for (std::string line; std::getline(status, line);)
-      if (line.rfind("VmHWM:", 0) == 0) rss_kib = std::max(rss_kib, std::strtod(line.c_str() + 6, nullptr));
+    rss_kib = std::max(rss_kib, peak_rss_kib());
     if (wrong.load() != 0 || ran.load() != jobs) state.SkipWithError("wrong result");
     state.SetIterationTime(elapsed);
     total_s += elapsed;

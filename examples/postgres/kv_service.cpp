@@ -293,8 +293,9 @@ int bench(const std::string& conninfo) {
         };
         return std::make_unique<borrowed>(borrowed{&shared});
       });
-      std::printf("%-8d %-10s %14.0f %10.0f %10.0f   (%.2fx throughput)\n", clients, when_idle ? "when-idle" : "batched",
-                  batched.requests_per_s, batched.p50_us, batched.p99_us, batched.requests_per_s / one.requests_per_s);
+      std::printf("%-8d %-10s %14.0f %10.0f %10.0f   (%.2fx throughput)\n", clients,
+                  when_idle ? "when-idle" : "batched", batched.requests_per_s, batched.p50_us, batched.p99_us,
+                  batched.requests_per_s / one.requests_per_s);
     }
   }
   std::printf("(4 lookups per write; direct = one connection and one statement per request per client thread;\n"

@@ -522,9 +522,7 @@ private:
   void form_full_batches() {
     std::lock_guard lock(forming_.mutex());
     forming_.take_arrivals(now(), [&](batch full) { dispatch(full, full.trigger); });
-    // Jobs left over from a full batch start the next one now; a job taken here may carry the
-    // earliest deadline, which its submitter found already covered by a plan that was then replaced.
-    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
+    wake_clock_for_forming();
   }
 
   /// Dispatch when idle, on a submitting thread that found a worker idle: the forming batch goes now,
@@ -537,7 +535,7 @@ private:
       dispatch(forming_.cut(), Trigger::idle);
       forming_.take_arrivals(now(), full); // re-arms the size threshold
     }
-    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
+    wake_clock_for_forming();
   }
 
   /// Dispatch when idle, on a worker about to sleep with jobs waiting: it takes the forming batch
@@ -554,8 +552,15 @@ private:
       taken.trigger = Trigger::idle;
       forming_.take_arrivals(now(), full);
     }
-    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
+    wake_clock_for_forming();
     return taken;
+  }
+
+  /// (forming mutex held) After a forming pass off the collector: the jobs it took may start the next
+  /// batch (its delay) or carry the earliest deadline, which their submitters may have found covered by
+  /// a plan the collector then replaced. Costs a compare-exchange only when it lowers the plan.
+  void wake_clock_for_forming() noexcept {
+    clock_.wake_by(std::min(forming_.due(), forming_.earliest_deadline()));
   }
 
   /// (forming mutex held) Queues a formed batch for a worker.
