@@ -50,6 +50,8 @@
 namespace microbatch {
 
 namespace detail {
+struct operation_access; // the Asio binding's way in (microbatch/asio.hpp)
+
 /// The parameter of `async_execute_job` with g++. It exists because g++ (seen with 11 and 12) destroys
 /// an aggregate temporary inside a `co_await` expression twice (`co_await b.async_execute_job({id})`
 /// with a job that owns memory crashed): a braced job becomes this class's constructor arguments
@@ -393,6 +395,7 @@ public:
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
 private:
+  friend struct detail::operation_access; // microbatch/asio.hpp: admits its operations, cancels them
   using node_type = detail::job_node<Job, Result>;
   using batch = detail::job_list<node_type>;
   using failure = detail::failure;
@@ -617,16 +620,23 @@ private:
   /// The caller's stop callback (any thread). The batcher keeps its hold on the node (it may be queued
   /// or in the processor) and drops it when it next meets the node.
   void cancel_job(detail::shared_waiting_node<Job, Result>* job) noexcept {
-    if (!job->try_claim()) return;
-    count_failure(failure::cancelled);
-    admission_.release();
+    if (!job->begin_cancel()) return;
+    cancelled_by_caller();
+    job->end_cancel();
     job->deliver(detail::make_error<cancelled>(
         [] { return "microbatch::Batcher::execute_job: stop was requested before the job completed"; }));
-    // Have the collector drop the job from the queue now rather than when its batch is dispatched.
+  }
+#endif
+
+  /// A caller won `begin_cancel` on its own cancellable (shared) job: counts the cancellation, gives
+  /// its place back, and has the collector drop the job from the queue now rather than when its batch
+  /// is dispatched. The caller then calls `end_cancel` and delivers `cancelled` to itself. Any thread.
+  void cancelled_by_caller() noexcept {
+    count_failure(failure::cancelled);
+    admission_.release();
     sweep_requested_.store(true, std::memory_order_release);
     clock_.wake();
   }
-#endif
 
   void count_failure(failure cause) noexcept {
     if (cause == failure::expired) jobs_expired_.fetch_add(1, std::memory_order_relaxed);

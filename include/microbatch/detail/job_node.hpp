@@ -55,9 +55,9 @@ inline std::exception_ptr expired_error() noexcept {
 
 /// One submitted job. Ownership: the submitting call creates it; from a successful push into the inbox
 /// until `finish` or `abandon`, the batcher holds it (collector, then ready queue, then one worker).
-/// A node ends exactly once: whoever wins `try_claim` decides the outcome. Only a cancellation (the
-/// caller's stop_token) races with the batcher for that; everything else happens on the one batcher
-/// thread that holds the node at the time.
+/// A node ends exactly once: whoever wins the claim decides the outcome. Only a cancellation (the
+/// caller's stop_token, an Asio cancellation slot) races with the batcher for that; everything else happens on the one
+/// batcher thread that holds the node at the time.
 template <class Job, class Result> class job_node {
 public:
   explicit job_node(Job&& submitted, bool cancellable = false) : job(std::move(submitted)), cancellable_(cancellable) {}
@@ -74,11 +74,37 @@ public:
   std::size_t weight = 1; // Options::max_batch_weight: what Processor::weight said at submit
   Job job;
 
-  /// True for the caller that gets to end the job. Thread-safe.
-  /// Only a cancellable node (its caller's stop callback may claim it) pays for an atomic exchange;
-  /// every other node has one owner at a time, the batcher, which ends it once.
-  bool try_claim() noexcept { return !cancellable_ || !claimed_.exchange(true, std::memory_order_acq_rel); }
-  [[nodiscard]] bool claimed() const noexcept { return claimed_.load(std::memory_order_acquire); }
+  /// The batcher's claim: true if the batcher gets to end the job, false if its caller cancelled it
+  /// (then the batcher only drops its hold, `abandon`). Only a cancellable node pays for an atomic;
+  /// every other node has one owner at a time, the batcher, which ends it once. A claim that meets a
+  /// cancellation in progress waits for it (microseconds): until `end_cancel`, the canceller still
+  /// uses the batcher, which therefore must not let go of the node and shut down. Batcher threads.
+  bool try_claim() noexcept {
+    if (!cancellable_) return true;
+    claim expected = claim::open;
+    if (state_.compare_exchange_strong(expected, claim::ended, std::memory_order_acq_rel)) return true;
+    wait_while_cancelling(expected);
+    return false;
+  }
+  /// True if the caller cancelled the job (waits out a cancellation in progress). Batcher threads.
+  [[nodiscard]] bool claimed() const noexcept {
+    if (!cancellable_) return false;
+    claim now = state_.load(std::memory_order_acquire);
+    wait_while_cancelling(now);
+    return now != claim::open;
+  }
+
+  /// The caller's claim, to cancel: true if the job had not ended; then the caller counts the
+  /// cancellation with the batcher and calls `end_cancel`, after which it must not touch the batcher.
+  /// Any thread.
+  bool begin_cancel() noexcept {
+    claim expected = claim::open;
+    return cancellable_ && state_.compare_exchange_strong(expected, claim::cancelling, std::memory_order_acq_rel);
+  }
+  void end_cancel() noexcept {
+    state_.store(claim::cancelled, std::memory_order_release);
+    state_.notify_all();
+  }
 
   /// Delivers the outcome and drops the batcher's hold. Call only after winning `try_claim`.
   /// Afterwards the node may be gone.
@@ -92,7 +118,15 @@ protected:
   ~job_node() = default; // never deleted through the base
 
 private:
-  std::atomic<bool> claimed_{false};
+  enum class claim : unsigned char { open, ended, cancelling, cancelled };
+  void wait_while_cancelling(claim& seen) const noexcept {
+    while (seen == claim::cancelling) {
+      state_.wait(claim::cancelling, std::memory_order_acquire);
+      seen = state_.load(std::memory_order_acquire);
+    }
+  }
+
+  std::atomic<claim> state_{claim::open};
   const bool cancellable_;
 
 public:
@@ -258,17 +292,43 @@ public:
   }
 };
 
-/// `execute_job(job, stop_token)`: shared by the caller and the batcher (two references), because a
-/// cancelled caller returns while the batcher may still hold the node. The caller's stop callback
-/// delivers `cancelled` through `deliver` without dropping the batcher's reference.
-template <class Job, class Result> class shared_waiting_node final : public job_node<Job, Result> {
+/// A node its caller may cancel while the batcher holds it, hence shared by the two (two references):
+/// the caller ends it early by winning `begin_cancel` and then calling `deliver`, which hands the outcome
+/// to the caller without dropping the batcher's reference; the batcher drops that one when it next
+/// meets the node (`abandon`) or when it ends the node itself (`finish`). The last `release` destroys
+/// the node.
+template <class Job, class Result> class shared_node : public job_node<Job, Result> {
 public:
-  explicit shared_waiting_node(Job&& submitted) : job_node<Job, Result>(std::move(submitted), true) {}
+  explicit shared_node(Job&& submitted) : job_node<Job, Result>(std::move(submitted), true) {}
+
+  /// Hands `failure` to the caller (a cancellation). Call only after `begin_cancel` won.
+  virtual void deliver(std::exception_ptr failure) noexcept = 0;
+
+  void abandon() noexcept override { release(); }
+
+  /// Drops one reference; the last one destroys the node.
+  void release() noexcept {
+    if (references_.fetch_sub(1, std::memory_order_acq_rel) == 1) destroy();
+  }
+
+protected:
+  ~shared_node() = default;
+  virtual void destroy() noexcept = 0;
+
+private:
+  std::atomic<int> references_{2};
+};
+
+/// `execute_job(job, stop_token)`: the caller waits on `done`, and its stop callback may cancel.
+template <class Job, class Result> class shared_waiting_node final : public shared_node<Job, Result> {
+public:
+  using shared_node<Job, Result>::shared_node;
+  using shared_node<Job, Result>::release;
   std::optional<Result> value;
   std::exception_ptr error;
   completion_flag done;
 
-  void deliver(std::exception_ptr failure) noexcept {
+  void deliver(std::exception_ptr failure) noexcept override {
     error = std::move(failure);
     done.signal();
   }
@@ -285,15 +345,9 @@ public:
     deliver(std::move(failure));
     release();
   }
-  void abandon() noexcept override { release(); }
-
-  /// Drops one reference; the last one deletes the node.
-  void release() noexcept {
-    if (references_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
-  }
 
 private:
-  std::atomic<int> references_{2};
+  void destroy() noexcept override { delete this; }
 };
 
 /// `submit(job, on_complete)`: lives in a slot of the batcher's slot_pool (no allocation per job once

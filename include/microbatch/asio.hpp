@@ -1,0 +1,266 @@
+// microbatch::async_execute: submit a job from Asio code, with any completion token.
+// SPDX-License-Identifier: Apache-2.0
+//
+// Not included by microbatch.hpp: include this header where you use Asio. Standalone Asio (1.22 or
+// later) by default; define MICROBATCH_BOOST_ASIO before including it to use Boost.Asio instead.
+#pragma once
+
+#include <atomic>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#if defined(MICROBATCH_BOOST_ASIO)
+#include <boost/asio/associated_allocator.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
+#else
+#include <asio/associated_allocator.hpp>
+#include <asio/associated_cancellation_slot.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/async_result.hpp>
+#include <asio/cancellation_type.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/executor_work_guard.hpp>
+#include <asio/post.hpp>
+#endif
+
+#include "microbatch.hpp"
+
+namespace microbatch {
+namespace detail {
+
+#if defined(MICROBATCH_BOOST_ASIO)
+namespace net = ::boost::asio;
+#else
+namespace net = ::asio;
+#endif
+
+/// What the handler receives after the exception_ptr: the Result itself (default-constructed when
+/// there is an error), or, for a Result that cannot be default-constructed, an optional.
+template <class Result>
+using asio_result_t = std::conditional_t<std::is_default_constructible_v<Result>, Result, std::optional<Result>>;
+
+/// The Batcher's private parts that the Asio binding needs: admission, and counting a cancellation.
+struct operation_access {
+  template <class Batcher, class Node> static void admit(Batcher& batcher, Node* node) {
+    batcher.admission_.throw_if_closed();
+    batcher.admit_and_enqueue(node);
+  }
+  template <class Batcher> static void cancelled_by_caller(Batcher& batcher) noexcept { batcher.cancelled_by_caller(); }
+};
+
+/// One `async_execute` operation: the job's node, the handler, and a hold on the handler's executor
+/// (work, so that an io_context does not run out of work while the job is queued).
+///
+/// Ownership: allocated with the handler's associated allocator, and shared (detail::shared_node) by
+/// the batcher and the operation's side, because a cancelled job completes while the batcher may still
+/// hold the node. Whoever ends the job (a batcher thread in `finish`, the cancellation slot's handler
+/// in `cancel`, the initiating call when admission throws) stores the outcome and sends `completion`
+/// to the handler's executor: `dispatch` from a batcher thread (inline only if that thread is in the
+/// executor's context, e.g. `system_executor`), `post` otherwise, so the handler never runs inside
+/// the initiating function or inside the cancellation signal's `emit`. The completion clears the
+/// cancellation slot (on the handler's executor, where Asio requires emits to happen, so the two cannot
+/// race), drops the operation's reference (the node is freed before the upcall, as Asio asks, unless
+/// the batcher still holds it) and calls the handler.
+template <class Job, class Result, class Processor, class Handler>
+class asio_operation final : public shared_node<Job, Result> {
+public:
+  using batcher_type = Batcher<Job, Result, Processor>;
+  using executor_type = net::associated_executor_t<Handler>;
+  using handler_allocator = net::associated_allocator_t<Handler>;
+  using allocator_type = typename std::allocator_traits<handler_allocator>::template rebind_alloc<asio_operation>;
+
+  /// Creates the operation and hands its job to `batcher`. Never calls the handler inline.
+  template <class H> static void start(batcher_type& batcher, H&& handler, Job&& job) {
+    allocator_type allocator(net::get_associated_allocator(handler));
+    asio_operation* operation = std::allocator_traits<allocator_type>::allocate(allocator, 1);
+    try {
+      std::allocator_traits<allocator_type>::construct(allocator, operation, batcher, std::forward<H>(handler),
+                                                       std::move(job), allocator);
+    } catch (...) {
+      std::allocator_traits<allocator_type>::deallocate(allocator, operation, 1);
+      throw;
+    }
+    operation->begin();
+  }
+
+  asio_operation(batcher_type& batcher, Handler&& handler, Job&& submitted, const allocator_type& allocator)
+      : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(std::move(handler)),
+        work_(net::get_associated_executor(handler_)), allocator_(allocator) {}
+  asio_operation(batcher_type& batcher, const Handler& handler, Job&& submitted, const allocator_type& allocator)
+      : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(handler),
+        work_(net::get_associated_executor(handler_)), allocator_(allocator) {}
+
+  void finish(Result&& result) noexcept override {
+    try {
+      value_.emplace(std::move(result));
+    } catch (...) { // Result's move constructor threw
+      error_ = std::current_exception();
+    }
+    complete(false);
+    this->release(); // the batcher's reference
+  }
+  void finish(std::exception_ptr failure) noexcept override {
+    error_ = std::move(failure);
+    complete(false);
+    this->release();
+  }
+  void deliver(std::exception_ptr failure) noexcept override {
+    error_ = std::move(failure);
+    complete(true);
+  }
+
+private:
+  /// The function that Asio runs on the handler's executor. Holds the operation's reference: if the
+  /// executor destroys it without running it (an io_context destroyed with work pending), the
+  /// operation is freed without calling the handler, as Asio does with its own operations.
+  class completion {
+  public:
+    using allocator_type = typename asio_operation::allocator_type;
+    explicit completion(asio_operation* operation) noexcept : operation_(operation) {}
+    completion(completion&& other) noexcept : operation_(std::exchange(other.operation_, nullptr)) {}
+    completion& operator=(completion&&) = delete;
+    ~completion() {
+      if (operation_ != nullptr) operation_->drop_handler();
+    }
+    [[nodiscard]] allocator_type get_allocator() const noexcept { return operation_->allocator_; }
+    void operator()() { std::exchange(operation_, nullptr)->upcall(); }
+
+  private:
+    asio_operation* operation_;
+  };
+
+  /// The cancellation slot's handler (runs inside `emit`, on the handler's executor).
+  struct cancel_on_signal {
+    asio_operation* operation;
+    void operator()(net::cancellation_type_t type) const noexcept {
+      if ((type & net::cancellation_type::terminal) != net::cancellation_type::none) operation->cancel();
+    }
+  };
+
+  void begin() {
+    auto slot = net::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) {
+      slot.template emplace<cancel_on_signal>(cancel_on_signal{this});
+      slot_connected_ = true;
+    }
+    try {
+      operation_access::admit(batcher_, static_cast<job_node<Job, Result>*>(this));
+    } catch (...) { // not accepted (closed, queue full, oversized, ...): the handler gets the error
+      error_ = std::current_exception();
+      this->release(); // the batcher never held it
+      complete(true);
+    }
+  }
+
+  void cancel() noexcept {
+    if (!this->begin_cancel()) return; // it has ended already; its completion is on its way
+    operation_access::cancelled_by_caller(batcher_);
+    this->end_cancel(); // from here the batcher may let go and shut down: do not touch it
+    deliver(make_error<cancelled>([] { return "microbatch::async_execute: the operation was cancelled"; }));
+  }
+
+  void complete(bool post) noexcept {
+    try {
+      if (post) {
+        net::post(work_.get_executor(), completion(this));
+      } else {
+        net::dispatch(work_.get_executor(), completion(this));
+      }
+    } catch (...) { // the executor could not take it (out of memory): the handler cannot be called
+      // completion's destructor ran and dropped the handler; nothing else can be done here.
+    }
+  }
+
+  /// On the handler's executor: the last steps of the operation's side.
+  void upcall() {
+    if (slot_connected_) net::get_associated_cancellation_slot(handler_).clear();
+    Handler handler(std::move(handler_));
+    std::exception_ptr error = std::move(error_);
+    asio_result_t<Result> result = take_result();
+    // Keep the executor's work until the handler has run (`work_` goes with the node below).
+    auto work = std::move(work_);
+    release_operation_side();
+    std::move(handler)(std::move(error), std::move(result));
+  }
+
+  /// A completion destroyed unrun: free what the operation's side holds, without calling the handler.
+  void drop_handler() noexcept {
+    if (slot_connected_) net::get_associated_cancellation_slot(handler_).clear();
+    release_operation_side();
+  }
+
+  asio_result_t<Result> take_result() {
+    if constexpr (std::is_default_constructible_v<Result>) {
+      if (value_) return std::move(*value_);
+      return Result{};
+    } else {
+      return std::move(value_);
+    }
+  }
+
+  void release_operation_side() noexcept { this->release(); }
+
+  void destroy() noexcept override {
+    allocator_type allocator(allocator_);
+    std::allocator_traits<allocator_type>::destroy(allocator, this);
+    std::allocator_traits<allocator_type>::deallocate(allocator, this, 1);
+  }
+
+  batcher_type& batcher_;
+  Handler handler_;
+  net::executor_work_guard<executor_type> work_;
+  allocator_type allocator_;
+  std::optional<Result> value_;
+  std::exception_ptr error_;
+  bool slot_connected_ = false;
+};
+
+template <class Job, class Result, class Processor> struct async_execute_initiation {
+  Batcher<Job, Result, Processor>* batcher;
+
+  template <class Handler> void operator()(Handler&& handler, Job job) const {
+    asio_operation<Job, Result, Processor, std::decay_t<Handler>>::start(*batcher, std::forward<Handler>(handler),
+                                                                         std::move(job));
+  }
+};
+
+} // namespace detail
+
+/// Submits `job` to `batcher` as an Asio asynchronous operation: the completion signature is
+/// `void(std::exception_ptr, Result)` (`void(std::exception_ptr, std::optional<Result>)` when Result is
+/// not default-constructible), with a null exception_ptr on success and otherwise the job's error,
+/// exactly as `execute_job` would throw it (`batcher_closed`, `queue_full`, a processor's exception,
+/// `no_result`, ...). Works with every completion token: `use_awaitable` (which rethrows the error),
+/// `use_future`, a plain callback, `bind_executor`, `experimental::deferred`, `experimental::as_tuple`.
+///
+/// The handler runs on its associated executor (a coroutine's executor for `use_awaitable`; a plain
+/// callback without one runs on a batcher thread, Asio's `system_executor`), never inside this call.
+/// The operation allocates one block for the job's node with the handler's associated allocator, and
+/// holds work on the handler's executor until it completes.
+///
+/// Cancellation: a `terminal` signal on the handler's cancellation slot (emitted from the handler's
+/// executor, as Asio requires) takes a queued job out of the batcher and completes it with
+/// `cancelled`; a job already in the processor runs on and its result is discarded. Other cancellation
+/// types are not supported and are ignored.
+///
+/// With `Overflow::block` at `max_pending_jobs`, the calling thread blocks until there is room: an
+/// io_context thread stops serving other handlers meanwhile, so Asio services usually prefer
+/// `Overflow::reject` (the handler then gets `queue_full`). The batcher must outlive the operation's
+/// completion. Thread-safe.
+template <class Job, class Result, class Processor, class CompletionToken>
+auto async_execute(Batcher<Job, Result, Processor>& batcher, std::type_identity_t<detail::job_argument<Job>> job,
+                   CompletionToken&& token) {
+  return detail::net::async_initiate<CompletionToken, void(std::exception_ptr, detail::asio_result_t<Result>)>(
+      detail::async_execute_initiation<Job, Result, Processor>{&batcher}, token, detail::take_job<Job>(job));
+}
+
+} // namespace microbatch
