@@ -168,15 +168,22 @@ private:
     deliver(make_error<cancelled>([] { return "microbatch::async_execute: the operation was cancelled"; }));
   }
 
+  /// Sends the completion to the handler's executor. Does not touch the operation afterwards: the
+  /// completion may already have run and freed it.
   void complete(bool post) noexcept {
+    // The hold on the executor ends when this call returns, not when the handler runs: from the
+    // moment it is queued, the completion itself keeps an io_context's run() going, and a thread
+    // that sees run() return may destroy the io_context, which must not happen while this (batcher)
+    // thread is still inside post or dispatch.
+    net::executor_work_guard<executor_type> work(std::move(work_));
     try {
       if (post) {
-        net::post(work_.get_executor(), completion(this));
+        net::post(work.get_executor(), completion(this));
       } else {
-        net::dispatch(work_.get_executor(), completion(this));
+        net::dispatch(work.get_executor(), completion(this));
       }
-    } catch (...) { // the executor could not take it (out of memory): the handler cannot be called
-      // completion's destructor ran and dropped the handler; nothing else can be done here.
+    } catch (...) { // the executor could not take it (out of memory): the handler cannot be called;
+      // completion's destructor has dropped it.
     }
   }
 
@@ -186,16 +193,14 @@ private:
     Handler handler(std::move(handler_));
     std::exception_ptr error = std::move(error_);
     asio_result_t<Result> result = take_result();
-    // Keep the executor's work until the handler has run (`work_` goes with the node below).
-    auto work = std::move(work_);
-    release_operation_side();
+    this->release(); // the operation side's reference: frees the node unless the batcher still holds it
     std::move(handler)(std::move(error), std::move(result));
   }
 
   /// A completion destroyed unrun: free what the operation's side holds, without calling the handler.
   void drop_handler() noexcept {
     if (slot_connected_) net::get_associated_cancellation_slot(handler_).clear();
-    release_operation_side();
+    this->release(); // the operation side's reference: frees the node unless the batcher still holds it
   }
 
   asio_result_t<Result> take_result() {
@@ -206,8 +211,6 @@ private:
       return std::move(value_);
     }
   }
-
-  void release_operation_side() noexcept { this->release(); }
 
   void destroy() noexcept override {
     allocator_type allocator(allocator_);
