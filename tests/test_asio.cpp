@@ -64,6 +64,9 @@ template <class T> struct counting_allocator {
   }
 };
 
+// Each test declares its io_context before its batcher, so that the batcher (whose threads post
+// completions to the io_context) is gone before the io_context is: the rule for users too.
+
 /// Holds every job in the forming batch until shutdown or an explicit flush.
 Options held() {
   return Options{.max_batch_size = 1000, .max_batch_delay = std::chrono::hours(1)};
@@ -72,8 +75,8 @@ Options held() {
 } // namespace
 
 TEST_CASE("asio: a callback bound to an io_context completes on that io_context's thread", "[asio]") {
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
   outcome seen;
   microbatch::async_execute(batcher, Job{1, 21}, net::bind_executor(io, [&](std::exception_ptr error, Result result) {
                               seen = {error, result, std::this_thread::get_id(), true};
@@ -86,8 +89,8 @@ TEST_CASE("asio: a callback bound to an io_context completes on that io_context'
 }
 
 TEST_CASE("asio: completions bound to a strand run on the strand, one at a time", "[asio]") {
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 8});
   net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 8});
   auto strand = net::make_strand(io);
   constexpr int operations = 64;
   int completed = 0; // guarded by the strand alone
@@ -111,8 +114,8 @@ TEST_CASE("asio: use_awaitable resumes the coroutine on its executor and throws 
     if (jobs.size() == 1 && jobs[0].id % 2 == 1) throw std::out_of_range("no such row");
     return doubled(jobs);
   };
-  microbatch::Batcher batcher(failing_odd, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::io_context io;
+  microbatch::Batcher batcher(failing_odd, &Job::id, &Result::id, Options{.max_batch_size = 1});
   int value = 0;
   bool threw_out_of_range = false;
   bool resumed_on_io_thread = true;
@@ -138,6 +141,7 @@ TEST_CASE("asio: use_awaitable resumes the coroutine on its executor and throws 
 }
 
 TEST_CASE("asio: use_future, deferred and as_tuple", "[asio]") {
+  net::io_context io;
   microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
 
   SECTION("use_future: the future holds the result or rethrows the error") {
@@ -151,7 +155,6 @@ TEST_CASE("asio: use_future, deferred and as_tuple", "[asio]") {
   SECTION("deferred: nothing is submitted until the operation is launched") {
     auto operation = microbatch::async_execute(batcher, Job{3, 7}, net::experimental::deferred);
     CHECK(batcher.stats().jobs_submitted == 0);
-    net::io_context io;
     outcome seen;
     std::move(operation)(net::bind_executor(io, [&](std::exception_ptr error, Result result) {
       seen = {error, result, std::this_thread::get_id(), true};
@@ -163,7 +166,6 @@ TEST_CASE("asio: use_future, deferred and as_tuple", "[asio]") {
   }
 
   SECTION("as_tuple(use_awaitable): the error arrives in the tuple, nothing is thrown") {
-    net::io_context io;
     std::exception_ptr error_seen;
     int value = 0;
     net::co_spawn(
@@ -193,8 +195,8 @@ TEST_CASE("asio: errors arrive as the exception_ptr, never inline in the initiat
     if (jobs.size() == 1 && jobs[0].id == 3) throw std::runtime_error("database is down");
     return results;
   };
-  microbatch::Batcher batcher(drops_id_2, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::io_context io;
+  microbatch::Batcher batcher(drops_id_2, &Job::id, &Result::id, Options{.max_batch_size = 1});
   outcome no_result, thrown, closed;
   auto record = [&](outcome& into) {
     return net::bind_executor(io, [&into](std::exception_ptr error, Result result) {
@@ -226,8 +228,8 @@ TEST_CASE("asio: a Result without a default constructor arrives as an optional",
       results.emplace_back(job.id);
     return results;
   };
-  microbatch::Batcher batcher(name, &Job::id, &Named::id, Options{.max_batch_size = 1});
   net::io_context io;
+  microbatch::Batcher batcher(name, &Job::id, &Named::id, Options{.max_batch_size = 1});
   std::optional<Named> answer;
   bool called = false;
   microbatch::async_execute(batcher, Job{9, 0},
@@ -242,8 +244,8 @@ TEST_CASE("asio: a Result without a default constructor arrives as an optional",
 }
 
 TEST_CASE("asio: the operation allocates with the handler's associated allocator", "[asio]") {
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
   std::atomic<int> allocations{0};
   outcome seen;
   auto handler = net::bind_executor(io, [&](std::exception_ptr error, Result result) {
@@ -263,8 +265,8 @@ TEST_CASE("asio: terminal cancellation takes a queued job out; other types are i
     log.record(jobs);
     return doubled(jobs);
   };
-  microbatch::Batcher batcher(logged, &Job::id, &Result::id, held());
   net::io_context io;
+  microbatch::Batcher batcher(logged, &Job::id, &Result::id, held());
   net::cancellation_signal signal;
   outcome seen;
   microbatch::async_execute(
@@ -289,8 +291,8 @@ TEST_CASE("asio: terminal cancellation takes a queued job out; other types are i
 
 TEST_CASE("asio: awaitable_operators: the timer wins, the queued job is cancelled", "[asio]") {
   using namespace net::experimental::awaitable_operators;
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, held());
   net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, held());
   std::size_t winner = 99;
   net::co_spawn(
       io,
@@ -314,8 +316,8 @@ TEST_CASE("asio: a job cancelled inside the processor runs on; its result is dis
     inside.enter();
     return doubled(jobs);
   };
-  microbatch::Batcher batcher(held_processor, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::io_context io;
+  microbatch::Batcher batcher(held_processor, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::cancellation_signal signal;
   outcome seen;
   microbatch::async_execute(
@@ -337,9 +339,9 @@ TEST_CASE("asio: a job cancelled inside the processor runs on; its result is dis
 }
 
 TEST_CASE("asio: 10,000 operations from many coroutines on two threads, every answer checked", "[asio]") {
+  net::io_context io;
   microbatch::Batcher batcher(doubled, &Job::id, &Result::id,
                               Options{.max_batch_size = 64, .max_batch_delay = std::chrono::microseconds(200)});
-  net::io_context io;
   constexpr int coroutines = 100;
   constexpr int per_coroutine = 100;
   std::atomic<int> right{0};
@@ -364,8 +366,8 @@ TEST_CASE("asio: 10,000 operations from many coroutines on two threads, every an
 }
 
 TEST_CASE("asio: shutdown(cancel) ends queued operations with batcher_closed on their executor", "[asio]") {
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, held());
   net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, held());
   constexpr int operations = 10;
   std::atomic<int> closed{0};
   for (int i = 0; i < operations; ++i)

@@ -68,8 +68,11 @@ struct operation_access {
 /// executor's context, e.g. `system_executor`), `post` otherwise, so the handler never runs inside
 /// the initiating function or inside the cancellation signal's `emit`. The completion clears the
 /// cancellation slot (on the handler's executor, where Asio requires emits to happen, so the two cannot
-/// race), drops the operation's reference (the node is freed before the upcall, as Asio asks, unless
-/// the batcher still holds it) and calls the handler.
+/// race), destroys its copy of the handler, drops the operation's reference and calls the handler.
+/// A batcher thread that ends the job drops its own reference before it queues the completion, so the
+/// node is freed by the completion, before the upcall as Asio asks, and never later on a batcher thread
+/// (the io_context may be gone by then). Only a cancelled job's node can outlive its completion, in the
+/// batcher; by then it holds no handler and no executor.
 template <class Job, class Result, class Processor, class Handler>
 class asio_operation final : public shared_node<Job, Result> {
 public:
@@ -94,10 +97,10 @@ public:
 
   asio_operation(batcher_type& batcher, Handler&& handler, Job&& submitted, const allocator_type& allocator)
       : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(std::move(handler)),
-        work_(net::get_associated_executor(handler_)), allocator_(allocator) {}
+        work_(net::get_associated_executor(*handler_)), allocator_(allocator) {}
   asio_operation(batcher_type& batcher, const Handler& handler, Job&& submitted, const allocator_type& allocator)
       : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(handler),
-        work_(net::get_associated_executor(handler_)), allocator_(allocator) {}
+        work_(net::get_associated_executor(*handler_)), allocator_(allocator) {}
 
   void finish(Result&& result) noexcept override {
     try {
@@ -105,13 +108,13 @@ public:
     } catch (...) { // Result's move constructor threw
       error_ = std::current_exception();
     }
+    this->release(); // the batcher's reference (first: the node's last release is the completion's)
     complete(false);
-    this->release(); // the batcher's reference
   }
   void finish(std::exception_ptr failure) noexcept override {
     error_ = std::move(failure);
-    complete(false);
     this->release();
+    complete(false);
   }
   void deliver(std::exception_ptr failure) noexcept override {
     error_ = std::move(failure);
@@ -147,7 +150,7 @@ private:
   };
 
   void begin() {
-    auto slot = net::get_associated_cancellation_slot(handler_);
+    auto slot = net::get_associated_cancellation_slot(*handler_);
     if (slot.is_connected()) {
       slot.template emplace<cancel_on_signal>(cancel_on_signal{this});
       slot_connected_ = true;
@@ -189,8 +192,9 @@ private:
 
   /// On the handler's executor: the last steps of the operation's side.
   void upcall() {
-    if (slot_connected_) net::get_associated_cancellation_slot(handler_).clear();
-    Handler handler(std::move(handler_));
+    if (slot_connected_) net::get_associated_cancellation_slot(*handler_).clear();
+    Handler handler(std::move(*handler_));
+    handler_.reset();
     std::exception_ptr error = std::move(error_);
     asio_result_t<Result> result = take_result();
     this->release(); // the operation side's reference: frees the node unless the batcher still holds it
@@ -199,7 +203,8 @@ private:
 
   /// A completion destroyed unrun: free what the operation's side holds, without calling the handler.
   void drop_handler() noexcept {
-    if (slot_connected_) net::get_associated_cancellation_slot(handler_).clear();
+    if (slot_connected_) net::get_associated_cancellation_slot(*handler_).clear();
+    handler_.reset();
     this->release(); // the operation side's reference: frees the node unless the batcher still holds it
   }
 
@@ -219,7 +224,9 @@ private:
   }
 
   batcher_type& batcher_;
-  Handler handler_;
+  // Reset on the handler's executor when the completion runs (or is dropped): a cancelled job's node may
+  // live on in the batcher after that, and then after its io_context, so it keeps no executor objects.
+  std::optional<Handler> handler_;
   net::executor_work_guard<executor_type> work_;
   allocator_type allocator_;
   std::optional<Result> value_;
@@ -257,8 +264,13 @@ template <class Job, class Result, class Processor> struct async_execute_initiat
 ///
 /// With `Overflow::block` at `max_pending_jobs`, the calling thread blocks until there is room: an
 /// io_context thread stops serving other handlers meanwhile, so Asio services usually prefer
-/// `Overflow::reject` (the handler then gets `queue_full`). The batcher must outlive the operation's
-/// completion. Thread-safe.
+/// `Overflow::reject` (the handler then gets `queue_full`).
+///
+/// Lifetimes: the batcher's threads post completions to the handlers' executors, so, as with any Asio
+/// I/O object, shut the batcher down (or destroy it) before the io_context whose executors its
+/// operations use is destroyed: declare the io_context first. Completions still queued in an
+/// io_context that is destroyed without running them are freed without calling their handlers.
+/// Thread-safe.
 template <class Job, class Result, class Processor, class CompletionToken>
 auto async_execute(Batcher<Job, Result, Processor>& batcher, std::type_identity_t<detail::job_argument<Job>> job,
                    CompletionToken&& token) {
