@@ -13,23 +13,39 @@
 #include <utility>
 
 #if defined(MICROBATCH_BOOST_ASIO)
+#include <boost/asio/version.hpp>
+#define MICROBATCH_ASIO_VERSION BOOST_ASIO_VERSION
 #include <boost/asio/associated_allocator.hpp>
-#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/cancellation_type.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
+#if BOOST_ASIO_VERSION >= 101900
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/cancellation_type.hpp>
+#endif
 #else
+#include <asio/version.hpp>
+#define MICROBATCH_ASIO_VERSION ASIO_VERSION
 #include <asio/associated_allocator.hpp>
-#include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
-#include <asio/cancellation_type.hpp>
 #include <asio/dispatch.hpp>
 #include <asio/executor_work_guard.hpp>
 #include <asio/post.hpp>
+#if ASIO_VERSION >= 101900
+#include <asio/associated_cancellation_slot.hpp>
+#include <asio/cancellation_type.hpp>
+#endif
+#endif
+
+// Per-operation cancellation (cancellation slots) came with Asio 1.19 (Boost 1.77). Older versions,
+// such as Boost 1.74's Asio 1.18 (Debian 12's libboost-dev), get async_execute without it.
+#if MICROBATCH_ASIO_VERSION >= 101900
+#define MICROBATCH_ASIO_CANCELLATION 1
+#else
+#define MICROBATCH_ASIO_CANCELLATION 0
 #endif
 
 #include "microbatch.hpp"
@@ -141,6 +157,7 @@ private:
     asio_operation* operation_;
   };
 
+#if MICROBATCH_ASIO_CANCELLATION
   /// The cancellation slot's handler (runs inside `emit`, on the handler's executor).
   struct cancel_on_signal {
     asio_operation* operation;
@@ -148,13 +165,16 @@ private:
       if ((type & net::cancellation_type::terminal) != net::cancellation_type::none) operation->cancel();
     }
   };
+#endif
 
   void begin() {
+#if MICROBATCH_ASIO_CANCELLATION
     auto slot = net::get_associated_cancellation_slot(*handler_);
     if (slot.is_connected()) {
       slot.template emplace<cancel_on_signal>(cancel_on_signal{this});
       slot_connected_ = true;
     }
+#endif
     try {
       operation_access::admit(batcher_, static_cast<job_node<Job, Result>*>(this));
     } catch (...) { // not accepted (closed, queue full, oversized, ...): the handler gets the error
@@ -192,7 +212,7 @@ private:
 
   /// On the handler's executor: the last steps of the operation's side.
   void upcall() {
-    if (slot_connected_) net::get_associated_cancellation_slot(*handler_).clear();
+    clear_slot();
     Handler handler(std::move(*handler_));
     handler_.reset();
     std::exception_ptr error = std::move(error_);
@@ -203,9 +223,15 @@ private:
 
   /// A completion destroyed unrun: free what the operation's side holds, without calling the handler.
   void drop_handler() noexcept {
-    if (slot_connected_) net::get_associated_cancellation_slot(*handler_).clear();
+    clear_slot();
     handler_.reset();
     this->release(); // the operation side's reference: frees the node unless the batcher still holds it
+  }
+
+  void clear_slot() noexcept {
+#if MICROBATCH_ASIO_CANCELLATION
+    if (slot_connected_) net::get_associated_cancellation_slot(*handler_).clear();
+#endif
   }
 
   asio_result_t<Result> take_result() {
@@ -260,7 +286,8 @@ template <class Job, class Result, class Processor> struct async_execute_initiat
 /// Cancellation: a `terminal` signal on the handler's cancellation slot (emitted from the handler's
 /// executor, as Asio requires) takes a queued job out of the batcher and completes it with
 /// `cancelled`; a job already in the processor runs on and its result is discarded. Other cancellation
-/// types are not supported and are ignored.
+/// types are not supported and are ignored. (Asio 1.19 / Boost 1.77 and later: older ones have no
+/// cancellation slots.)
 ///
 /// With `Overflow::block` at `max_pending_jobs`, the calling thread blocks until there is room: an
 /// io_context thread stops serving other handlers meanwhile, so Asio services usually prefer
