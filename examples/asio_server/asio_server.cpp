@@ -8,8 +8,9 @@
 //   asio_server load --port P --connections N --seconds S
 //       N connections, each a closed loop of GETs for S seconds; checks every answer; prints one line:
 //       connections=N requests=R seconds=S requests_per_s=X p50_us=Y p99_us=Z
-//   asio_server check --port P --idle-timeout-ms T
-//       answers, pipelining, ERR lines, idle timeout, clients that vanish with requests in flight
+//   asio_server check --port P --idle-timeout-ms T [--max-connections M]
+//       answers, pipelining, ERR lines, idle timeout, clients that vanish with requests in flight,
+//       the connection limit (when M is given: the server's --max-connections)
 //   asio_server stop --port P --pid PID --signal TERM|INT
 //       sends the signal with requests in flight; checks they are answered, then the connection closes
 //
@@ -220,7 +221,6 @@ public:
 
   unsigned short port() const { return acceptor_.local_endpoint().port(); }
   std::chrono::milliseconds idle_timeout() const { return cfg_.idle_timeout; }
-  bool stopping() const { return stopping_; }
   counters& count() { return count_; }
 
   void start() {
@@ -676,6 +676,8 @@ double percentile_us(std::vector<std::uint32_t>& v, double p) {
   return double(*at) / 1000.0;
 }
 
+std::map<std::string, std::uint64_t> server_stats(asio::io_context& io, unsigned short port);
+
 int load(const arguments& args) {
   const auto port = static_cast<unsigned short>(args.number("port", 0));
   const std::size_t connections = std::size_t(std::max(1L, args.number("connections", 1)));
@@ -683,6 +685,7 @@ int load(const arguments& args) {
   const tcp::endpoint server_at(asio::ip::address_v4::loopback(), port);
 
   asio::io_context io(1);
+  const std::uint64_t calls_before = server_stats(io, port)["table_calls"];
   std::vector<client_result> results(connections);
   clock_type::time_point start;
   asio::co_spawn(
@@ -717,9 +720,12 @@ int load(const arguments& args) {
     }
   }
   const std::size_t requests = all.size();
-  std::printf("connections=%zu requests=%zu seconds=%.2f requests_per_s=%.0f p50_us=%.0f p99_us=%.0f wrong=%llu\n",
+  const double calls = double(server_stats(io, port)["table_calls"] - calls_before);
+  std::printf("connections=%zu requests=%zu seconds=%.2f requests_per_s=%.0f p50_us=%.0f p99_us=%.0f "
+              "table_calls_per_request=%.3f wrong=%llu\n",
               connections, requests, seconds, double(requests) / seconds, percentile_us(all, 0.50),
-              percentile_us(all, 0.99), static_cast<unsigned long long>(wrong));
+              percentile_us(all, 0.99), calls / double(std::max<std::size_t>(requests, 1)),
+              static_cast<unsigned long long>(wrong));
   return wrong == 0 ? 0 : 1;
 }
 
@@ -913,6 +919,29 @@ int check(const arguments& args) {
     if (after.contains("pending_jobs")) expect(after["pending_jobs"] == 0, "the batcher holds no pending job");
     line_client c(io, port);
     expect(c.ask("GET key3") == "value3", "the server still answers");
+  }
+  if (const long max_connections = args.number("max-connections", 0); max_connections > 0) {
+    for (int attempt = 0; attempt < 100 && server_stats(io, port)["connections"] > 1; ++attempt)
+      std::this_thread::sleep_for(20ms); // the clients above have closed; the server may not have noticed yet
+    std::vector<std::unique_ptr<line_client>> held; // up to the server's limit, each one served
+    bool served = true;
+    for (long i = 0; i < max_connections; ++i) {
+      held.push_back(std::make_unique<line_client>(io, port));
+      served &= held.back()->ask("STATS").starts_with("STATS ");
+    }
+    line_client extra(io, port);
+    expect(served && extra.line() == "ERR too many connections" && !extra.line(),
+           std::to_string(max_connections) +
+               " connections are served, the next one gets ERR too many connections and is closed");
+    expect(held.back()->ask("GET key2") == "value2", "... while the others are still served");
+    held.clear();
+    bool again = false;
+    for (int attempt = 0; attempt < 100 && !again; ++attempt) { // once the server has noticed the closes
+      line_client c(io, port);
+      again = c.ask("GET key3") == "value3";
+      if (!again) std::this_thread::sleep_for(20ms);
+    }
+    expect(again, "once they closed, new connections are served again");
   }
   { // a client that sends everything, then half-closes, still gets every answer
     line_client c(io, port);
