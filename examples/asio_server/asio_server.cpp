@@ -7,7 +7,7 @@
 //       until SIGINT or SIGTERM, then answers what it has read, prints one "stopped ..." line, exits 0
 //   asio_server load --port P --connections N --seconds S
 //       N connections, each a closed loop of GETs for S seconds; checks every answer; prints one line:
-//       connections=N requests=R seconds=S requests_per_s=X p50_us=Y p99_us=Z
+//       connections=N requests=R seconds=S requests_per_s=X p50_us=Y p99_us=Z table_calls_per_request=C wrong=0
 //   asio_server check --port P --idle-timeout-ms T [--max-connections M]
 //       answers, pipelining, ERR lines, idle timeout, clients that vanish with requests in flight,
 //       the connection limit (when M is given: the server's --max-connections)
@@ -33,8 +33,8 @@
 // every request is a job of one Batcher with max_concurrent_batches = that many, dispatch_when_idle
 // (a batch goes as soon as a call slot is free: a lone client waits for no timer, and batches grow only
 // while every slot is busy) and DuplicateIds::coalesce (two clients asking for one key in one batch
-// share one row). One I/O thread runs every connection: a reader coroutine (reads lines, starts
-// lookups) and a writer coroutine (sends the answers in order) per connection.
+// share one row). One I/O thread runs every connection: per connection a reader coroutine (reads
+// lines, starts lookups), a writer coroutine (sends the answers in order) and an idle watchdog.
 //
 // Untrusted input: a line over 1 KiB gets one `ERR line too long` and the rest of it up to its LF is
 // skipped; a connection that sends no complete line for --idle-timeout-ms (default 30000) gets
