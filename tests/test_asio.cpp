@@ -314,6 +314,44 @@ TEST_CASE("terminal cancellation takes a queued job out; other types are ignored
   CHECK(!log.saw(1)); // it left the queue: never processed
 }
 
+TEST_CASE("a refused operation is not cancelled afterwards: one completion, with the refusal", "[asio]") {
+  net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id);
+  batcher.shutdown();
+  net::cancellation_signal signal;
+  int calls = 0;
+  std::exception_ptr seen;
+  microbatch::async_execute(
+      batcher, Job{1, 1},
+      net::bind_cancellation_slot(signal.slot(), net::bind_executor(io, [&](std::exception_ptr error, Result) {
+                                    ++calls;
+                                    seen = error;
+                                  })));
+  signal.emit(net::cancellation_type::terminal); // the refusal is queued, not yet run: nothing to cancel
+  io.run();
+  CHECK(calls == 1);
+  CHECK(holds<microbatch::batcher_closed>(seen));
+  CHECK(batcher.stats().jobs_cancelled == 0);
+}
+
+TEST_CASE("a cancellable operation's node does not come from the handler's allocator", "[asio]") {
+  net::io_context io;
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, held());
+  std::atomic<int> allocations{0};
+  outcome seen;
+  net::cancellation_signal signal;
+  microbatch::async_execute(
+      batcher, Job{1, 1},
+      net::bind_cancellation_slot(
+          signal.slot(), allocating_handler{counting_allocator<void>(&allocations), io.get_executor(), &seen}));
+  CHECK(allocations.load() == 0); // the batcher may hold the node after the handler ran
+  net::post(io, [&] { signal.emit(net::cancellation_type::terminal); });
+  io.run();
+  REQUIRE(seen.called);
+  CHECK(holds<microbatch::cancelled>(seen.error));
+  CHECK(allocations.load() == 1); // the completion, queued with the handler's allocator
+}
+
 TEST_CASE("awaitable_operators: the timer wins, the queued job is cancelled", "[asio]") {
   using namespace net::experimental::awaitable_operators;
   net::io_context io;

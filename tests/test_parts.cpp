@@ -7,6 +7,7 @@
 #include <microbatch/detail/histogram.hpp>
 #include <microbatch/detail/ready_queue.hpp>
 
+#include <algorithm>
 #include <cmath>
 
 #include "support.hpp"
@@ -39,12 +40,12 @@ std::vector<int> ids(const microbatch::detail::job_list<node>& batch) {
 TEST_CASE("admission: reject counts and throws at the bound, release makes room, close refuses", "[parts]") {
   microbatch::detail::admission gate(2, microbatch::Overflow::reject);
   std::atomic<std::uint64_t> rejected{0};
-  gate.reserve(rejected, false);
-  gate.reserve(rejected, false);
-  CHECK_THROWS_AS(gate.reserve(rejected, false), microbatch::queue_full);
+  CHECK(gate.reserve(rejected, false));
+  CHECK(gate.reserve(rejected, false));
+  CHECK_THROWS_AS((void)gate.reserve(rejected, false), microbatch::queue_full);
   CHECK(rejected.load() == 1);
-  gate.release();
-  gate.reserve(rejected, false);
+  gate.release(true);
+  CHECK(gate.reserve(rejected, false));
   gate.throw_if_closed();
   gate.close();
   CHECK(gate.closed());
@@ -54,16 +55,35 @@ TEST_CASE("admission: reject counts and throws at the bound, release makes room,
 TEST_CASE("admission: block waits for a release; a batcher thread goes beyond the bound", "[parts]") {
   microbatch::detail::admission gate(1, microbatch::Overflow::block);
   std::atomic<std::uint64_t> rejected{0};
-  gate.reserve(rejected, false);
-  gate.reserve(rejected, true); // beyond the bound: never waits
-  auto blocked = std::async(std::launch::async, [&] { gate.reserve(rejected, false); });
+  CHECK(gate.reserve(rejected, false));
+  CHECK(gate.reserve(rejected, true)); // beyond the bound: never waits
+  auto blocked = std::async(std::launch::async, [&] { return gate.reserve(rejected, false); });
   CHECK(blocked.wait_for(0s) == std::future_status::timeout);
-  gate.release();
-  gate.release(); // now below the bound: the blocked submitter gets in
-  blocked.get();
-  auto closed_out = std::async(std::launch::async, [&] { gate.reserve(rejected, false); });
+  gate.release(true);
+  gate.release(true); // now below the bound: the blocked submitter gets in
+  CHECK(blocked.get());
+  auto closed_out = std::async(std::launch::async, [&] { return gate.reserve(rejected, false); });
   gate.close();
   CHECK_THROWS_AS(closed_out.get(), microbatch::batcher_closed);
+}
+
+TEST_CASE("admission: a new bound counts only the jobs admitted under a bound", "[parts]") {
+  microbatch::detail::admission gate(0, microbatch::Overflow::reject);
+  std::atomic<std::uint64_t> rejected{0};
+  const bool unbounded = gate.reserve(rejected, false);
+  CHECK(!unbounded); // nothing counted
+  gate.set_limit(1, microbatch::Overflow::reject);
+  const bool first = gate.reserve(rejected, false);
+  CHECK(first);
+  CHECK_THROWS_AS((void)gate.reserve(rejected, false), microbatch::queue_full);
+  gate.release(unbounded); // gives back nothing: the bound still holds
+  CHECK_THROWS_AS((void)gate.reserve(rejected, false), microbatch::queue_full);
+  gate.set_limit(2, microbatch::Overflow::block); // more room at once
+  CHECK(gate.reserve(rejected, false));
+  auto blocked = std::async(std::launch::async, [&] { return gate.reserve(rejected, false); });
+  CHECK(blocked.wait_for(0s) == std::future_status::timeout);
+  gate.set_limit(0, microbatch::Overflow::block); // lifting the bound lets the blocked one in, uncounted
+  CHECK(!blocked.get());
 }
 
 TEST_CASE("batch forming: the arrival that fills the batch is told so, once", "[parts]") {
@@ -176,6 +196,47 @@ TEST_CASE("ready queue: first in first out; hold stops workers; finish lets them
   ready.finish();
   CHECK_FALSE(worker.get()); // held and finished: the worker exits without taking batch {2}
   CHECK_FALSE(ready.empty());
+}
+
+TEST_CASE("ready queue: no more workers hold a batch than there are slots; set_slots changes that", "[parts]") {
+  microbatch::detail::ready_queue<node> ready(1);
+  std::vector<node> nodes(3);
+  for (int i = 0; i < 3; ++i) {
+    nodes[std::size_t(i)].id = i;
+    microbatch::detail::job_list<node> batch;
+    batch.push_back(&nodes[std::size_t(i)]);
+    ready.push(batch);
+  }
+  microbatch::detail::job_list<node> first;
+  bool emptied = false;
+  REQUIRE(ready.pop(first, emptied)); // takes the one slot
+  auto second = std::async(std::launch::async, [&] {
+    microbatch::detail::job_list<node> mine;
+    bool now_empty = false;
+    const bool got = ready.pop(mine, now_empty);
+    return got ? ids(mine) : std::vector<int>{};
+  });
+  CHECK(second.wait_for(0s) == std::future_status::timeout); // a batch is queued, but no slot is free
+  ready.set_slots(2);
+  CHECK(second.get() == std::vector<int>{1}); // a second slot: taken at once
+  ready.set_slots(1);                         // two hold batches; one slot from now on
+  microbatch::detail::job_list<node> third;
+  auto returning = std::async(std::launch::async, [&] {
+    microbatch::detail::job_list<node> mine;
+    bool now_empty = false;
+    return ready.pop(mine, now_empty, true) ? ids(mine) : std::vector<int>{}; // gives back one: 1 of 1
+  });
+  CHECK(returning.wait_for(0s) == std::future_status::timeout);
+  // The other worker comes back too: now a slot is free, and one of the two takes batch {2}.
+  auto other = std::async(std::launch::async, [&] {
+    microbatch::detail::job_list<node> mine;
+    bool now_empty = false;
+    return ready.pop(mine, now_empty, true) ? ids(mine) : std::vector<int>{};
+  });
+  ready.finish();
+  std::vector<std::vector<int>> got{returning.get(), other.get()};
+  std::sort(got.begin(), got.end());
+  CHECK(got == std::vector<std::vector<int>>{{}, {2}});
 }
 
 TEST_CASE("histogram: p50 and p99 within 5%, max exact, zero when empty", "[parts]") {

@@ -70,7 +70,9 @@ struct operation_access {
     batcher.admission_.throw_if_closed();
     batcher.admit_and_enqueue(node);
   }
-  template <class Batcher> static void cancelled_by_caller(Batcher& batcher) noexcept { batcher.cancelled_by_caller(); }
+  template <class Batcher, class Node> static void cancelled_by_caller(Batcher& batcher, Node* node) noexcept {
+    batcher.cancelled_by_caller(node);
+  }
 };
 
 /// One `async_execute` operation: the job's node, the handler, and a hold on the handler's executor
@@ -88,7 +90,9 @@ struct operation_access {
 /// A batcher thread that ends the job drops its own reference before it queues the completion, so the
 /// node is freed by the completion, before the upcall as Asio asks, and never later on a batcher thread
 /// (the io_context may be gone by then). Only a cancelled job's node can outlive its completion, in the
-/// batcher; by then it holds no handler and no executor.
+/// batcher (queued, or in the processor); by then it holds no handler and no executor, and it was not
+/// allocated from the handler's allocator (whose memory may be gone after the upcall): an operation
+/// with a connected cancellation slot takes its node from `operator new`.
 template <class Job, class Result, class Processor, class Handler>
 class asio_operation final : public shared_node<Job, Result> {
 public:
@@ -99,24 +103,26 @@ public:
 
   /// Creates the operation and hands its job to `batcher`. Never calls the handler inline.
   template <class H> static void start(batcher_type& batcher, H&& handler, Job&& job) {
+    const bool cancellable = connected_slot(handler);
     allocator_type allocator(net::get_associated_allocator(handler));
-    asio_operation* operation = std::allocator_traits<allocator_type>::allocate(allocator, 1);
+    void* memory = cancellable ? static_cast<void*>(std::allocator<asio_operation>{}.allocate(1))
+                               : static_cast<void*>(std::allocator_traits<allocator_type>::allocate(allocator, 1));
+    asio_operation* operation = nullptr;
     try {
-      std::allocator_traits<allocator_type>::construct(allocator, operation, batcher, std::forward<H>(handler),
-                                                       std::move(job), allocator);
+      operation =
+          ::new (memory) asio_operation(batcher, std::forward<H>(handler), std::move(job), allocator, cancellable);
     } catch (...) {
-      std::allocator_traits<allocator_type>::deallocate(allocator, operation, 1);
+      free_memory(memory, allocator, cancellable);
       throw;
     }
     operation->begin();
   }
 
-  asio_operation(batcher_type& batcher, Handler&& handler, Job&& submitted, const allocator_type& allocator)
-      : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(std::move(handler)),
-        work_(net::get_associated_executor(*handler_)), allocator_(allocator) {}
-  asio_operation(batcher_type& batcher, const Handler& handler, Job&& submitted, const allocator_type& allocator)
-      : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(handler),
-        work_(net::get_associated_executor(*handler_)), allocator_(allocator) {}
+  template <class H>
+  asio_operation(batcher_type& batcher, H&& handler, Job&& submitted, const allocator_type& allocator, bool cancellable)
+      : shared_node<Job, Result>(std::move(submitted)), batcher_(batcher), handler_(std::forward<H>(handler)),
+        work_(std::in_place, net::get_associated_executor(*handler_)), allocator_(allocator),
+        cancellable_(cancellable) {}
 
   void finish(Result&& result) noexcept override {
     try {
@@ -167,26 +173,54 @@ private:
   };
 #endif
 
+  /// Whether the operation can be cancelled: a connected cancellation slot, and an executor on which
+  /// the slot's `emit` and the completion's `clear` are serialised. A handler without an executor of
+  /// its own (`system_executor`) completes inline on a batcher thread, where clearing the slot would
+  /// race with an emit from any other thread: its slot is ignored.
+  template <class H> static bool connected_slot([[maybe_unused]] const H& handler) noexcept {
+#if MICROBATCH_ASIO_CANCELLATION
+    if constexpr (std::is_same_v<executor_type, net::system_executor>) {
+      return false;
+    } else {
+      return net::get_associated_cancellation_slot(handler).is_connected();
+    }
+#else
+    return false;
+#endif
+  }
+
+  static void free_memory(void* memory, allocator_type allocator, bool cancellable) noexcept {
+    if (cancellable) {
+      std::allocator<asio_operation>{}.deallocate(static_cast<asio_operation*>(memory), 1);
+    } else {
+      std::allocator_traits<allocator_type>::deallocate(allocator, static_cast<asio_operation*>(memory), 1);
+    }
+  }
+
   void begin() {
 #if MICROBATCH_ASIO_CANCELLATION
-    auto slot = net::get_associated_cancellation_slot(*handler_);
-    if (slot.is_connected()) {
-      slot.template emplace<cancel_on_signal>(cancel_on_signal{this});
-      slot_connected_ = true;
+    if (cancellable_) {
+      try {
+        net::get_associated_cancellation_slot(*handler_).template emplace<cancel_on_signal>(cancel_on_signal{this});
+      } catch (...) { // out of memory: not started, nothing to undo but the operation itself
+        destroy();
+        throw;
+      }
     }
 #endif
     try {
       operation_access::admit(batcher_, static_cast<job_node<Job, Result>*>(this));
     } catch (...) { // not accepted (closed, queue full, oversized, ...): the handler gets the error
       error_ = std::current_exception();
-      this->release(); // the batcher never held it
+      (void)this->try_claim(); // ended: a cancellation from now on finds nothing to cancel
+      this->release();         // the batcher never held it
       complete(true);
     }
   }
 
   void cancel() noexcept {
     if (!this->begin_cancel()) return; // it has ended already; its completion is on its way
-    operation_access::cancelled_by_caller(batcher_);
+    operation_access::cancelled_by_caller(batcher_, static_cast<job_node<Job, Result>*>(this));
     this->end_cancel(); // from here the batcher may let go and shut down: do not touch it
     deliver(make_error<cancelled>([] { return "microbatch::async_execute: the operation was cancelled"; }));
   }
@@ -198,7 +232,8 @@ private:
     // moment it is queued, the completion itself keeps an io_context's run() going, and a thread
     // that sees run() return may destroy the io_context, which must not happen while this (batcher)
     // thread is still inside post or dispatch.
-    net::executor_work_guard<executor_type> work(std::move(work_));
+    net::executor_work_guard<executor_type> work(std::move(*work_));
+    work_.reset();
     try {
       if (post) {
         net::post(work.get_executor(), completion(this));
@@ -216,9 +251,15 @@ private:
     Handler handler(std::move(*handler_));
     handler_.reset();
     std::exception_ptr error = std::move(error_);
-    asio_result_t<Result> result = take_result();
+    std::optional<asio_result_t<Result>> result;
+    try {
+      result.emplace(take_result());
+    } catch (...) { // Result's move constructor threw: the exception leaves through the executor
+      this->release();
+      throw;
+    }
     this->release(); // the operation side's reference: frees the node unless the batcher still holds it
-    std::move(handler)(std::move(error), std::move(result));
+    std::move(handler)(std::move(error), std::move(*result));
   }
 
   /// A completion destroyed unrun: free what the operation's side holds, without calling the handler.
@@ -230,7 +271,7 @@ private:
 
   void clear_slot() noexcept {
 #if MICROBATCH_ASIO_CANCELLATION
-    if (slot_connected_) net::get_associated_cancellation_slot(*handler_).clear();
+    if (cancellable_) net::get_associated_cancellation_slot(*handler_).clear();
 #endif
   }
 
@@ -244,20 +285,21 @@ private:
   }
 
   void destroy() noexcept override {
-    allocator_type allocator(allocator_);
-    std::allocator_traits<allocator_type>::destroy(allocator, this);
-    std::allocator_traits<allocator_type>::deallocate(allocator, this, 1);
+    const allocator_type allocator(allocator_);
+    const bool cancellable = cancellable_;
+    this->~asio_operation();
+    free_memory(this, allocator, cancellable);
   }
 
   batcher_type& batcher_;
   // Reset on the handler's executor when the completion runs (or is dropped): a cancelled job's node may
   // live on in the batcher after that, and then after its io_context, so it keeps no executor objects.
   std::optional<Handler> handler_;
-  net::executor_work_guard<executor_type> work_;
+  std::optional<net::executor_work_guard<executor_type>> work_; // until the completion is queued
   allocator_type allocator_;
   std::optional<Result> value_;
   std::exception_ptr error_;
-  bool slot_connected_ = false;
+  const bool cancellable_; // the slot holds cancel_on_signal (see connected_slot); node from std::allocator
 };
 
 template <class Job, class Result, class Processor> struct async_execute_initiation {
@@ -280,14 +322,16 @@ template <class Job, class Result, class Processor> struct async_execute_initiat
 ///
 /// The handler runs on its associated executor (a coroutine's executor for `use_awaitable`; a plain
 /// callback without one runs on a batcher thread, Asio's `system_executor`), never inside this call.
-/// The operation allocates one block for the job's node with the handler's associated allocator, and
-/// holds work on the handler's executor until it completes.
+/// The operation allocates one block for the job's node with the handler's associated allocator
+/// (with `std::allocator` if it can be cancelled: then the batcher may still hold the node after the
+/// handler ran), and holds work on the handler's executor until its completion is queued.
 ///
 /// Cancellation: a `terminal` signal on the handler's cancellation slot (emitted from the handler's
 /// executor, as Asio requires) takes a queued job out of the batcher and completes it with
-/// `cancelled`; a job already in the processor runs on and its result is discarded. Other cancellation
-/// types are not supported and are ignored. (Asio 1.19 / Boost 1.77 and later: older ones have no
-/// cancellation slots.)
+/// `cancelled`; a job already in the processor runs on, its result is discarded, and its Job is
+/// destroyed later on a batcher thread. Other cancellation types are ignored, and so is the slot of a
+/// handler without an executor of its own (`system_executor`: no executor serialises its emit with
+/// the completion). (Asio 1.19 / Boost 1.77 and later: older ones have no cancellation slots.)
 ///
 /// With `Overflow::block` at `max_pending_jobs`, the calling thread blocks until there is room: an
 /// io_context thread stops serving other handlers meanwhile, so Asio services usually prefer

@@ -157,19 +157,18 @@ public:
   /// batcher's threads. Throws `std::invalid_argument` naming the field for invalid options.
   template <class JobId, class ResultId>
   Batcher(Processor processor, JobId job_id, ResultId result_id, Options options = {})
-      : processor_(std::move(processor)), options_(checked(options, true)) {
+      : processor_(std::move(processor)), options_(checked(options, true)), keyed_(true) {
     using correlation = detail::keyed_correlation<Job, Result, JobId, ResultId>;
-    const bool coalesce = options_.duplicate_ids == DuplicateIds::coalesce;
-    start([&] {
+    start([this, job_id, result_id]() -> std::unique_ptr<detail::batch_runner<Job, Result>> {
       return std::make_unique<detail::correlating_runner<Job, Result, correlation>>(
-          host(), correlation(job_id, result_id), coalesce);
+          host(), correlation(job_id, result_id), std::is_copy_constructible_v<Result>);
     });
   }
 
   /// Positional mode: result i of the processor's vector answers job i of its span.
   explicit Batcher(Processor processor, Options options = {})
-      : processor_(std::move(processor)), options_(checked(options, false)) {
-    start([&] {
+      : processor_(std::move(processor)), options_(checked(options, false)), keyed_(false) {
+    start([this]() -> std::unique_ptr<detail::batch_runner<Job, Result>> {
       return std::make_unique<detail::correlating_runner<Job, Result, detail::positional_correlation>>(
           host(), detail::positional_correlation{});
     });
@@ -350,8 +349,7 @@ public:
     std::lock_guard lock(shutdown_mutex_);
     if (joined_) return;
     collector_.join();
-    for (auto& worker : workers_)
-      worker.join();
+    join_workers();
     std::uint64_t published = 0; // every job the inbox ever took: the closed inbox holds no more
     {
       std::lock_guard forming_lock(forming_.mutex());
@@ -360,6 +358,58 @@ public:
     while (enqueues_returned_.load(std::memory_order_acquire) < published)
       std::this_thread::yield(); // a submitter between its push and its return: microseconds
     joined_ = true;
+  }
+
+  /// Changes the options while jobs flow. `options` is validated as by the constructor (invalid:
+  /// `std::invalid_argument` naming the field, and nothing changes); the `clock` cannot change (a
+  /// different one is invalid). No job is lost or ended twice. From when each field applies:
+  ///  - `max_batch_size`, `max_batch_delay`, `max_batch_weight`: at once, to the jobs already waiting:
+  ///    a forming batch that is full by the new limits is dispatched now, and the forming batch's delay
+  ///    counts from its first job as before. (A waiting job heavier than a lowered weight limit goes
+  ///    alone; new ones are refused with `oversized_job`.)
+  ///  - `max_concurrent_batches`: more lets more batches run at once right away (threads are started as
+  ///    needed); fewer lets the running batches finish, after which no more than the new number run.
+  ///    Threads are kept until shutdown.
+  ///  - `max_pending_jobs`, `overflow`: for jobs submitted from now on (a job accepted while unbounded
+  ///    never counts against a bound set later); submitters blocked at the old bound look again.
+  ///  - `dispatch_when_idle`, `duplicate_ids`, `on_batch`: from the next batch.
+  /// Concurrent calls are serialised; `options()` returns the last one that succeeded. May be called
+  /// from the processor, a callback or `on_batch`. Thread-safe.
+  void reconfigure(const Options& options) {
+    Options next = checked(options, keyed_);
+    std::lock_guard config_lock(options_mutex_);
+    if (next.clock != options_.clock)
+      throw std::invalid_argument("microbatch::Options::clock cannot be changed by reconfigure");
+    auto observer = std::make_shared<const batch_observer>(next.on_batch); // may throw: before any change
+    {
+      std::lock_guard lock(threads_mutex_); // may throw (no thread): before any other change
+      if (!threads_closed_) add_workers(std::max(workers_.size(), next.max_concurrent_batches));
+    }
+    admission_.set_limit(next.max_pending_jobs, next.overflow);
+    coalesce_.store(next.duplicate_ids == DuplicateIds::coalesce, std::memory_order_relaxed);
+    {
+      std::lock_guard lock(on_batch_mutex_);
+      on_batch_ = std::move(observer);
+    }
+    has_on_batch_.store(static_cast<bool>(next.on_batch), std::memory_order_release);
+    dispatch_when_idle_.store(next.dispatch_when_idle, std::memory_order_seq_cst);
+    ready_.set_slots(next.max_concurrent_batches);
+    {
+      std::lock_guard lock(forming_.mutex());
+      auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
+      forming_.set_limits(next.max_batch_size, next.max_batch_delay, next.max_batch_weight, full);
+      forming_.take_arrivals(now(), full); // re-arms the thresholds for the new limits
+      wake_clock_for_forming();
+    }
+    clock_.wake(); // the collector plans again (its plan may rest on the old delay)
+    if (next.dispatch_when_idle && ready_.idle() != 0) dispatch_for_idle_worker();
+    options_ = std::move(next);
+  }
+
+  /// The options in force: as constructed, or as last reconfigured. Thread-safe.
+  [[nodiscard]] Options options() const {
+    std::lock_guard lock(options_mutex_);
+    return options_;
   }
 
   /// A snapshot of the counters. Never blocks. Thread-safe.
@@ -412,14 +462,15 @@ private:
     { unwrapped(processor).weight(job) } -> std::convertible_to<std::size_t>;
   };
 
-  /// Sets `job.weight` from `Processor::weight`; refuses a job heavier than the limit on its own.
+  /// Sets `job.weight` from `Processor::weight` (always, so that a weight limit set later by
+  /// `reconfigure` finds every waiting job weighed); refuses a job heavier than the limit on its own.
   void weigh(node_type& job) {
     if constexpr (has_weight) {
       job.weight = static_cast<std::size_t>(unwrapped(processor_).weight(std::as_const(job.job)));
-      if (job.weight > options_.max_batch_weight)
+      const std::size_t limit = forming_.max_weight();
+      if (limit != 0 && job.weight > limit)
         throw oversized_job("microbatch::Batcher::submit: the job's weight (" + std::to_string(job.weight) +
-                            ") exceeds max_batch_weight (" + std::to_string(options_.max_batch_weight) +
-                            "): no batch could hold it");
+                            ") exceeds max_batch_weight (" + std::to_string(limit) + "): no batch could hold it");
     }
   }
 
@@ -457,13 +508,14 @@ private:
     return runner_link_;
   }
 
-  template <class MakeRunner> void start(MakeRunner&& make_runner) {
+  void start(std::function<std::unique_ptr<detail::batch_runner<Job, Result>>()> make_runner) {
     callback_home_.owner = this;
+    make_runner_ = std::move(make_runner);
     try {
-      workers_.reserve(options_.max_concurrent_batches);
-      for (std::size_t i = 0; i < options_.max_concurrent_batches; ++i)
-        workers_.emplace_back(
-            [this, runner = std::shared_ptr<detail::batch_runner<Job, Result>>(make_runner())] { work(*runner); });
+      {
+        std::lock_guard lock(threads_mutex_);
+        add_workers(options_.max_concurrent_batches);
+      }
       collector_ = std::thread([this] { collect(); });
     } catch (...) {
       begin_shutdown(Shutdown::drain);
@@ -472,10 +524,30 @@ private:
       } else {
         ready_.finish(); // no collector to do it
       }
-      for (auto& worker : workers_)
-        worker.join();
+      join_workers();
       throw;
     }
+  }
+
+  /// (threads_mutex_ held) Starts workers until there are `count`: one per processor slot ever
+  /// configured (a slot taken away by `reconfigure` leaves its thread asleep until shutdown).
+  void add_workers(std::size_t count) {
+    workers_.reserve(count);
+    while (workers_.size() < count)
+      workers_.emplace_back(
+          [this, runner = std::shared_ptr<detail::batch_runner<Job, Result>>(make_runner_())] { work(*runner); });
+  }
+
+  /// Joins every worker; `reconfigure` starts no more.
+  void join_workers() {
+    std::vector<std::thread> workers;
+    {
+      std::lock_guard lock(threads_mutex_);
+      threads_closed_ = true;
+      workers.swap(workers_);
+    }
+    for (auto& worker : workers)
+      worker.join();
   }
 
   // ---- admission (any thread) ----
@@ -489,8 +561,8 @@ private:
   /// Weighs `job` (with a weight limit), takes a place (backpressure), then queues it; on success the
   /// batcher owns it.
   template <class StopToken = detail::never_stops> void admit_and_enqueue(node_type* job, const StopToken& stop = {}) {
-    if (options_.max_batch_weight != 0) weigh(*job);
-    admission_.reserve(jobs_rejected_, current_batcher() == this, stop);
+    if constexpr (has_weight) weigh(*job);
+    job->admission_counted = admission_.reserve(jobs_rejected_, current_batcher() == this, stop);
     enqueue(job);
   }
 
@@ -504,7 +576,7 @@ private:
     time_point arrival = time_point::max();
     const auto pushed = forming_.push(job, [&](node_type* first) { first->arrival = arrival = now(); });
     if (pushed == detail::batch_forming<node_type>::push_result::closed) {
-      admission_.release();
+      admission_.release(job->admission_counted);
       throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
     }
     // From here the job may end at any moment on another thread, and a callback or coroutine that
@@ -515,9 +587,11 @@ private:
       ~count_out() { returned.fetch_add(1, std::memory_order_release); }
     } on_return{enqueues_returned_};
     if (forming_.count_arrival(weight)) form_full_batches();
-    if (options_.dispatch_when_idle && ready_.idle() != 0) dispatch_for_idle_worker();
-    if (arrival != time_point::max() && options_.max_batch_delay.count() > 0)
-      clock_.wake_by(saturating_add(arrival, options_.max_batch_delay));
+    if (dispatch_when_idle_.load(std::memory_order_seq_cst) && ready_.idle() != 0) dispatch_for_idle_worker();
+    if (arrival != time_point::max()) {
+      const std::chrono::nanoseconds delay = forming_.delay();
+      if (delay.count() > 0) clock_.wake_by(saturating_add(arrival, delay));
+    }
     if (deadline != time_point::max()) clock_.wake_by(deadline);
   }
 
@@ -605,14 +679,14 @@ private:
   void end_job(node_type* job, Result&& value) noexcept {
     if (!job->try_claim()) return job->abandon();
     jobs_completed_.fetch_add(1, std::memory_order_release);
-    admission_.release();
+    admission_.release(job->admission_counted);
     job->finish(std::move(value));
   }
 
   void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept {
     if (!job->try_claim()) return job->abandon();
     count_failure(cause);
-    admission_.release();
+    admission_.release(job->admission_counted);
     job->finish(std::move(error));
   }
 
@@ -621,7 +695,7 @@ private:
   /// or in the processor) and drops it when it next meets the node.
   void cancel_job(detail::shared_waiting_node<Job, Result>* job) noexcept {
     if (!job->begin_cancel()) return;
-    cancelled_by_caller();
+    cancelled_by_caller(job);
     job->end_cancel();
     job->deliver(detail::make_error<cancelled>(
         [] { return "microbatch::Batcher::execute_job: stop was requested before the job completed"; }));
@@ -631,9 +705,9 @@ private:
   /// A caller won `begin_cancel` on its own cancellable (shared) job: counts the cancellation, gives
   /// its place back, and has the collector drop the job from the queue now rather than when its batch
   /// is dispatched. The caller then calls `end_cancel` and delivers `cancelled` to itself. Any thread.
-  void cancelled_by_caller() noexcept {
+  void cancelled_by_caller(node_type* job) noexcept {
     count_failure(failure::cancelled);
-    admission_.release();
+    admission_.release(job->admission_counted);
     sweep_requested_.store(true, std::memory_order_release);
     clock_.wake();
   }
@@ -659,7 +733,7 @@ private:
       owner.jobs_completed_.fetch_add(jobs, std::memory_order_release);
     }
     void finish_claimed(node_type* job, Result&& value) noexcept override {
-      owner.admission_.release();
+      owner.admission_.release(job->admission_counted);
       job->finish(std::move(value));
     }
     void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept override {
@@ -671,6 +745,9 @@ private:
     void batch_ran(const BatchInfo& info) noexcept override { owner.observe(info); }
     void count_coalesced(std::uint64_t jobs) noexcept override {
       owner.jobs_coalesced_.fetch_add(jobs, std::memory_order_relaxed);
+    }
+    [[nodiscard]] bool coalesce_duplicates() const noexcept override {
+      return owner.coalesce_.load(std::memory_order_relaxed);
     }
   };
 
@@ -684,9 +761,15 @@ private:
     }
     queue_wait_.record(info.queue_wait);
     processing_time_.record(info.processing_time);
-    if (!options_.on_batch) return;
+    if (!has_on_batch_.load(std::memory_order_acquire)) return;
+    std::shared_ptr<const batch_observer> on_batch;
+    {
+      std::lock_guard lock(on_batch_mutex_); // one lock per batch, only with an observer
+      on_batch = on_batch_;
+    }
+    if (!on_batch || !*on_batch) return;
     try {
-      options_.on_batch(info);
+      (*on_batch)(info);
     } catch (...) {
       observer_errors_.fetch_add(1, std::memory_order_relaxed);
     }
@@ -786,21 +869,17 @@ private:
     current_batcher() = this;
     batch jobs;
     bool queue_emptied = false;
-    if (!options_.dispatch_when_idle) {
-      while (ready_.pop(jobs, queue_emptied)) {
-        if (queue_emptied && admission_.closed()) clock_.wake(); // a draining collector waits for this
-        runner.run(jobs);
-      }
-      return;
-    }
+    bool returning = false; // from a batch: its slot is free again
     auto jobs_waiting = [this] {
-      if (admission_.closed()) return false; // shutdown: the collector dispatches what is left
+      if (!dispatch_when_idle_.load(std::memory_order_seq_cst) || admission_.closed())
+        return false; // (at shutdown the collector dispatches what is left)
       std::lock_guard lock(forming_.mutex());
       return !forming_.inbox_empty() || !forming_.empty();
     };
     for (;;) {
-      const auto what = ready_.pop(jobs, queue_emptied, jobs_waiting);
+      const auto what = ready_.pop(jobs, queue_emptied, returning, jobs_waiting);
       if (what == detail::ready_queue<node_type>::taken::finished) return;
+      returning = true;
       if (what == detail::ready_queue<node_type>::taken::form_idle) {
         jobs = take_for_idle_worker();
         if (jobs.empty()) continue;
@@ -811,15 +890,24 @@ private:
     }
   }
 
+  using batch_observer = std::function<void(const BatchInfo&)>;
+
   Processor processor_;
-  const Options options_;
+  Options options_;                  // as constructed or last reconfigured; guarded by options_mutex_
+  mutable std::mutex options_mutex_; // also serialises reconfigure
+  const bool keyed_;                 // correlation by IDs (else positional)
+  std::atomic<bool> dispatch_when_idle_{options_.dispatch_when_idle};
+  std::atomic<bool> coalesce_{options_.duplicate_ids == DuplicateIds::coalesce};
+  std::atomic<bool> has_on_batch_{static_cast<bool>(options_.on_batch)};
+  std::mutex on_batch_mutex_;
+  std::shared_ptr<const batch_observer> on_batch_ = std::make_shared<const batch_observer>(options_.on_batch);
 
   // The parts, in the order a job meets them.
   detail::admission admission_{options_.max_pending_jobs, options_.overflow};
   detail::batch_forming<node_type> forming_{options_.max_batch_size, options_.max_batch_delay,
-                                            options_.max_batch_weight};
+                                            options_.max_batch_weight, has_weight};
   detail::collector_clock clock_{options_.clock};
-  detail::ready_queue<node_type> ready_;
+  detail::ready_queue<node_type> ready_{options_.max_concurrent_batches};
   std::atomic<bool> sweep_requested_{false};        // a queued job was cancelled: the collector drops it
   std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
   runner_link runner_link_{*this};
@@ -858,8 +946,11 @@ private:
   std::mutex shutdown_mutex_;
   bool joined_ = false; // guarded by shutdown_mutex_
 
-  std::vector<std::thread> workers_; // threads last: they start after every other member exists
-  std::thread collector_;
+  std::function<std::unique_ptr<detail::batch_runner<Job, Result>>()> make_runner_; // one per worker
+  std::mutex threads_mutex_;
+  bool threads_closed_ = false;      // guarded by threads_mutex_: shutdown took the workers to join
+  std::vector<std::thread> workers_; // guarded by threads_mutex_; threads last: they start after every other
+  std::thread collector_;            // member exists
 };
 
 // Deduces Job and Result from member-pointer ID extractors, whatever the processor is (a generic

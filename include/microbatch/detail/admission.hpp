@@ -27,13 +27,25 @@ struct never_stops {
 
 /// The gate in front of the batcher. It knows two things: whether the batcher still accepts jobs
 /// (`close` ends that for good), and how many accepted jobs have not ended yet, against
-/// `Options::max_pending_jobs` (0 = unbounded: then it never counts and never blocks).
+/// `Options::max_pending_jobs` (0 = unbounded: then it neither counts nor blocks).
+///
+/// The bound may change at any time (`set_limit`). A job counts against the bound only if `reserve`
+/// said it took a place (true); its `release` passes that answer back, so a job accepted while
+/// unbounded never gives back a place it did not take, whatever the bound is by then.
 ///
 /// Threads: `reserve` runs on submitting threads, `release` on whichever thread ends a job, `close` on
-/// the thread that begins shutdown. All members are thread-safe.
+/// the thread that begins shutdown, `set_limit` on a reconfiguring thread. All members are thread-safe.
 class admission {
 public:
   admission(std::size_t max_pending_jobs, Overflow overflow) : max_pending_(max_pending_jobs), overflow_(overflow) {}
+
+  /// A new bound and overflow policy, for the jobs submitted from now on; blocked submitters look again.
+  void set_limit(std::size_t max_pending_jobs, Overflow overflow) {
+    overflow_.store(overflow, std::memory_order_relaxed);
+    max_pending_.store(max_pending_jobs, std::memory_order_seq_cst);
+    { std::lock_guard lock(mutex_); } // a blocked submitter is either before its check or waiting
+    room_.notify_all();
+  }
   admission(const admission&) = delete;
   admission& operator=(const admission&) = delete;
 
@@ -49,26 +61,28 @@ public:
   /// counts it in `rejected`); `block` waits for room, and ends with `batcher_closed` if shutdown begins
   /// or `cancelled` if `stop` is requested meanwhile. `beyond_bound_allowed` (a submit from one of the
   /// batcher's own threads, which alone could make room) takes a place beyond the bound instead of
-  /// waiting. Thread-safe.
+  /// waiting. Returns whether a place was taken (false: unbounded); pass it to `release`. Thread-safe.
   template <class StopToken = never_stops>
-  void reserve(std::atomic<std::uint64_t>& rejected, bool beyond_bound_allowed, const StopToken& stop = {}) {
-    if (max_pending_ == 0 || try_take()) return;
-    if (overflow_ == Overflow::reject) {
+  [[nodiscard]] bool reserve(std::atomic<std::uint64_t>& rejected, bool beyond_bound_allowed,
+                             const StopToken& stop = {}) {
+    if (max_pending_.load(std::memory_order_relaxed) == 0) return false;
+    if (const place taken = try_take(); taken != place::none) return taken == place::counted;
+    if (overflow_.load(std::memory_order_relaxed) == Overflow::reject) {
       rejected.fetch_add(1, std::memory_order_relaxed);
-      throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" + std::to_string(max_pending_) +
-                       ") jobs are pending");
+      throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" +
+                       std::to_string(max_pending_.load(std::memory_order_relaxed)) + ") jobs are pending");
     }
     if (beyond_bound_allowed) {
       pending_.fetch_add(1, std::memory_order_seq_cst);
-      return;
+      return true;
     }
-    wait_for_room(stop);
+    return wait_for_room(stop);
   }
 
-  /// Gives back the place of a job that ended (or was not accepted after all). Wakes blocked
-  /// submitters only when there are any. Never blocks for long. Thread-safe.
-  void release() noexcept {
-    if (max_pending_ == 0) return;
+  /// Gives back the place of a job that ended (or was not accepted after all), if `reserve` took one
+  /// (`counted`). Wakes blocked submitters only when there are any. Never blocks for long. Thread-safe.
+  void release(bool counted) noexcept {
+    if (!counted) return;
     pending_.fetch_sub(1, std::memory_order_seq_cst);
     if (blocked_.load(std::memory_order_seq_cst) != 0) {
       { std::lock_guard lock(mutex_); } // a blocked submitter is either before its check or waiting
@@ -87,7 +101,9 @@ public:
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
 private:
-  template <class StopToken> void wait_for_room(const StopToken& stop) {
+  enum class place { counted, uncounted, none };
+
+  template <class StopToken> bool wait_for_room(const StopToken& stop) {
     std::unique_lock lock(mutex_);
     blocked_.fetch_add(1, std::memory_order_seq_cst);
     struct unblock {
@@ -95,12 +111,13 @@ private:
       ~unblock() { count.fetch_sub(1, std::memory_order_relaxed); }
     } unblock_on_exit{blocked_};
     auto room_or_closed = [&] {
-      return closed_.load(std::memory_order_acquire) || pending_.load(std::memory_order_seq_cst) < max_pending_;
+      const std::size_t bound = max_pending_.load(std::memory_order_seq_cst);
+      return closed_.load(std::memory_order_acquire) || bound == 0 || pending_.load(std::memory_order_seq_cst) < bound;
     };
     for (;;) {
       if (closed_.load(std::memory_order_acquire))
         throw batcher_closed("microbatch::Batcher::submit: shutdown began while waiting for room (max_pending_jobs)");
-      if (try_take()) return;
+      if (const place taken = try_take(); taken != place::none) return taken == place::counted;
 #if defined(__cpp_lib_jthread)
       if constexpr (std::is_same_v<StopToken, std::stop_token>) {
         if (!room_.wait(lock, stop, room_or_closed))
@@ -114,18 +131,20 @@ private:
     }
   }
 
-  bool try_take() noexcept {
+  place try_take() noexcept {
     std::size_t pending = pending_.load(std::memory_order_relaxed);
-    while (pending < max_pending_) {
-      if (pending_.compare_exchange_weak(pending, pending + 1, std::memory_order_seq_cst)) return true;
+    for (;;) {
+      const std::size_t bound = max_pending_.load(std::memory_order_seq_cst);
+      if (bound == 0) return place::uncounted; // the bound was lifted meanwhile
+      if (pending >= bound) return place::none;
+      if (pending_.compare_exchange_weak(pending, pending + 1, std::memory_order_seq_cst)) return place::counted;
     }
-    return false;
   }
 
-  const std::size_t max_pending_;
-  const Overflow overflow_;
+  std::atomic<std::size_t> max_pending_;
+  std::atomic<Overflow> overflow_;
   std::atomic<bool> closed_{false};
-  alignas(64) std::atomic<std::size_t> pending_{0}; // places taken (only counted when max_pending_ != 0)
+  alignas(64) std::atomic<std::size_t> pending_{0}; // places taken by jobs that have not ended
   std::atomic<std::size_t> blocked_{0};             // submitters inside wait_for_room
   std::mutex mutex_;                                // pairs room_ with the checks above
   std::condition_variable_any room_;

@@ -26,7 +26,9 @@ enum class dispatch_reason { size, delay, flush };
 /// So a full batch never waits for another thread to notice it: the thread that filled it dispatches.
 ///
 /// The one place that decides "full" and "due": a later policy (weights, dispatch-when-idle) plugs in
-/// here. Members marked "(mutex held)" need `mutex()`; the others are lock-free and thread-safe.
+/// here. The limits may change while jobs flow (`set_limits`, mutex held); the waiting jobs are judged
+/// by the new ones at once. Members marked "(mutex held)" need `mutex()`; the others are lock-free and
+/// thread-safe.
 ///
 /// How "full" reaches the right submitter without a lock: every pass stores `fill_at_`, the arrival
 /// count at which the forming batch will be full, then looks at the count once more. A submitter
@@ -38,11 +40,38 @@ public:
   using time_point = std::chrono::steady_clock::time_point;
   using push_result = typename inbox<Node>::push_result;
 
-  /// `max_batch_weight` 0: no weight limit (each job's `weight` is then ignored).
-  batch_forming(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay, std::size_t max_batch_weight = 0)
-      : max_size_(max_batch_size), delay_(max_batch_delay), max_weight_(max_batch_weight) {
+  /// `max_batch_weight` 0: no weight limit. `weighed`: jobs carry weights (the processor has `weight`),
+  /// which are then tracked whatever the limit, so that a limit set later finds the counts right.
+  batch_forming(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay, std::size_t max_batch_weight = 0,
+                bool weighed = false)
+      : weighed_(weighed || max_batch_weight != 0), max_size_(max_batch_size), delay_(max_batch_delay),
+        max_weight_(max_batch_weight) {
     fill_at_.store(max_size_ == 0 ? never : max_size_, std::memory_order_relaxed);
-    weight_fill_at_.store(max_weight_ == 0 ? never : max_weight_, std::memory_order_relaxed);
+    weight_fill_at_.store(max_batch_weight == 0 ? never : max_batch_weight, std::memory_order_relaxed);
+  }
+
+  /// The current `max_batch_delay` and `max_batch_weight`. Lock-free.
+  [[nodiscard]] std::chrono::nanoseconds delay() const noexcept { return delay_.load(std::memory_order_relaxed); }
+  [[nodiscard]] std::size_t max_weight() const noexcept { return max_weight_.load(std::memory_order_relaxed); }
+
+  /// (mutex held) New limits. The forming batch is judged by them at once: `full(job_list)` gets each
+  /// batch that is full now (as in `take_arrivals`, which the caller runs next to re-arm the
+  /// thresholds); the jobs left keep the forming batch's start. Needs `weighed` for a weight limit.
+  template <class Full>
+  void set_limits(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay, std::size_t max_batch_weight,
+                  Full&& full) {
+    max_size_ = max_batch_size;
+    delay_.store(max_batch_delay, std::memory_order_relaxed);
+    max_weight_.store(weighed_ ? max_batch_weight : 0, std::memory_order_relaxed);
+    job_list<Node> waiting = forming_;
+    const time_point started = start_;
+    forming_ = {};
+    forming_weight_ = 0;
+    for (Node* next = waiting.first; next != nullptr;) {
+      Node* job = next;
+      next = job->next; // before `full`: a worker may end the job at once
+      add(job, started, full);
+    }
   }
   batch_forming(const batch_forming&) = delete;
   batch_forming& operator=(const batch_forming&) = delete;
@@ -59,7 +88,7 @@ public:
     const std::uint64_t count = arrivals_.fetch_add(1, std::memory_order_seq_cst) + 1;
     bool full = count >= fill_at_.load(std::memory_order_seq_cst) &&
                 fill_at_.exchange(never, std::memory_order_seq_cst) != never;
-    if (max_weight_ != 0) {
+    if (weighed_) {
       const std::uint64_t total = weight_arrived_.fetch_add(weight, std::memory_order_seq_cst) + weight;
       full = (total >= weight_fill_at_.load(std::memory_order_seq_cst) &&
               weight_fill_at_.exchange(never, std::memory_order_seq_cst) != never) ||
@@ -91,19 +120,9 @@ public:
         Node* job = arrived;
         arrived = job->next; // before `full`: a worker may end the job at once
         ++taken_;
-        if (max_weight_ != 0) {
-          weight_taken_ += job->weight;
-          if (!forming_.empty() && forming_weight_ + job->weight > max_weight_) full(cut(Trigger::weight));
-        }
-        if (forming_.empty()) start_ = job->arrival != time_point::min() ? job->arrival : now;
+        if (weighed_) weight_taken_ += job->weight;
         earliest_deadline_ = std::min(earliest_deadline_, job->deadline);
-        forming_.push_back(job);
-        forming_weight_ += job->weight;
-        if (max_weight_ != 0 && forming_weight_ >= max_weight_) {
-          full(cut(Trigger::weight));
-        } else if (max_size_ != 0 && forming_.size >= max_size_) {
-          full(cut(Trigger::size));
-        }
+        add(job, job->arrival != time_point::min() ? job->arrival : now, full);
       }
     } while (rearm());
   }
@@ -118,8 +137,9 @@ public:
   /// (mutex held) When the forming batch is due by `max_batch_delay`, or `time_point::max()` (empty,
   /// or no delay).
   [[nodiscard]] time_point due() const noexcept {
-    if (forming_.empty() || delay_.count() == 0) return time_point::max();
-    return delay_ >= time_point::max() - start_ ? time_point::max() : start_ + delay_;
+    const std::chrono::nanoseconds delay = delay_.load(std::memory_order_relaxed);
+    if (forming_.empty() || delay.count() == 0) return time_point::max();
+    return delay >= time_point::max() - start_ ? time_point::max() : start_ + delay;
   }
 
   /// (mutex held) Takes the whole forming batch, leaving it empty. Call `take_arrivals` before
@@ -152,6 +172,22 @@ public:
 private:
   static constexpr std::uint64_t never = std::numeric_limits<std::uint64_t>::max();
 
+  /// (mutex held) Appends `job` to the forming batch, cutting batches that the limits say are full: a
+  /// job that would take the batch over the weight limit closes it first. `start`: the forming batch's
+  /// start, if `job` opens it.
+  template <class Full> void add(Node* job, time_point start, Full& full) {
+    const std::size_t max_weight = max_weight_.load(std::memory_order_relaxed);
+    if (max_weight != 0 && !forming_.empty() && forming_weight_ + job->weight > max_weight) full(cut(Trigger::weight));
+    if (forming_.empty()) start_ = start;
+    forming_.push_back(job);
+    forming_weight_ += job->weight;
+    if (max_weight != 0 && forming_weight_ >= max_weight) {
+      full(cut(Trigger::weight));
+    } else if (max_size_ != 0 && forming_.size >= max_size_) {
+      full(cut(Trigger::size));
+    }
+  }
+
   /// (mutex held) Stores the arrival count at which the forming batch will be full; true if that count
   /// was already reached (the jobs are in the inbox: take them now). A submitter may have seen the same
   /// crossing and be waiting for the lock: its pass then finds nothing to do.
@@ -161,31 +197,37 @@ private:
       const std::uint64_t fill_at = taken_ + (max_size_ - forming_.size);
       fill_at_.store(fill_at, std::memory_order_seq_cst);
       again = arrivals_.load(std::memory_order_seq_cst) >= fill_at;
+    } else {
+      fill_at_.store(never, std::memory_order_seq_cst);
     }
-    if (max_weight_ != 0) { // forming_weight_ < max_weight_ here: a batch that reached it was cut
-      const std::uint64_t fill_at = weight_taken_ + (max_weight_ - forming_weight_);
+    const std::size_t max_weight = max_weight_.load(std::memory_order_relaxed);
+    if (max_weight != 0) { // forming_weight_ < max_weight here: a batch that reached it was cut
+      const std::uint64_t fill_at = weight_taken_ + (max_weight - forming_weight_);
       weight_fill_at_.store(fill_at, std::memory_order_seq_cst);
       again = weight_arrived_.load(std::memory_order_seq_cst) >= fill_at || again;
+    } else {
+      weight_fill_at_.store(never, std::memory_order_seq_cst);
     }
     return again;
   }
 
-  const std::size_t max_size_;
-  const std::chrono::nanoseconds delay_;
-  const std::size_t max_weight_;
+  const bool weighed_;                          // jobs carry weights: weight_arrived_ and weight_taken_ count
+  std::size_t max_size_;                        // guarded by mutex_
+  std::atomic<std::chrono::nanoseconds> delay_; // written under mutex_, read anywhere
+  std::atomic<std::size_t> max_weight_;         // written under mutex_, read anywhere (weigh: the job limit)
 
   inbox<Node> inbox_;
   alignas(64) std::atomic<std::uint64_t> arrivals_{0};       // jobs published and counted, ever
   alignas(64) std::atomic<std::uint64_t> fill_at_{0};        // arrivals_ value that fills the forming batch
   alignas(64) std::atomic<std::uint64_t> weight_arrived_{0}; // with a weight limit: weight counted, ever
-  std::atomic<std::uint64_t> weight_fill_at_{0};             // weight_arrived_ value that fills it
+  std::atomic<std::uint64_t> weight_fill_at_{never};         // weight_arrived_ value that fills it
 
   std::mutex mutex_;
   job_list<Node> forming_;                           // guarded by mutex_
   time_point start_{};                               // guarded by mutex_; the forming batch's first arrival
   time_point earliest_deadline_ = time_point::max(); // guarded by mutex_
   std::uint64_t taken_ = 0;                          // guarded by mutex_; jobs moved out of the inbox, ever
-  std::uint64_t weight_taken_ = 0;                   // guarded by mutex_; their weight (with a limit)
+  std::uint64_t weight_taken_ = 0;                   // guarded by mutex_; their weight (when weighed_)
   std::uint64_t forming_weight_ = 0;                 // guarded by mutex_; the forming batch's weight
 };
 

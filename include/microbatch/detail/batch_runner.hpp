@@ -38,6 +38,8 @@ public:
   virtual void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept = 0;
   virtual void count_uncorrelated(std::uint64_t results) noexcept = 0;
   virtual void count_coalesced(std::uint64_t jobs) noexcept = 0;
+  /// `Options::duplicate_ids == DuplicateIds::coalesce` now (it may change between batches).
+  [[nodiscard]] virtual bool coalesce_duplicates() const noexcept = 0;
   /// After every job of a batch that reached the processor has ended.
   virtual void batch_ran(const BatchInfo& info) noexcept = 0;
 
@@ -62,12 +64,14 @@ class correlating_runner final : public batch_runner<Job, Result> {
 public:
   using node_type = job_node<Job, Result>;
 
-  /// `coalesce`: a job whose ID equals an earlier job's in the batch shares that job's slot (it ends
-  /// with a copy of its result, or its error) instead of failing with `duplicate_id`.
-  correlating_runner(runner_host<Job, Result>& host, Correlation correlation, bool coalesce = false)
-      : host_(host), correlation_(std::move(correlation)), coalesce_(coalesce) {}
+  /// `can_coalesce` (IDs and a copyable Result): while the host says `coalesce_duplicates`, a job whose
+  /// ID equals an earlier job's in the batch shares that job's slot (it ends with a copy of its result,
+  /// or its error) instead of failing with `duplicate_id`. Read once per batch.
+  correlating_runner(runner_host<Job, Result>& host, Correlation correlation, bool can_coalesce = false)
+      : host_(host), correlation_(std::move(correlation)), can_coalesce_(can_coalesce) {}
 
   void run(job_list<node_type>& offered) override {
+    coalesce_ = can_coalesce_ && host_.coalesce_duplicates();
     const auto now_time = host_.now();
     const auto started = offered.first != nullptr && offered.first->arrival != time_point::min()
                              ? offered.first->arrival
@@ -269,7 +273,8 @@ private:
   std::vector<std::size_t> matched_; // per result: the admitted job it answers, or no_match
   std::size_t failed_ = 0;           // jobs of the running batch that ended with an error
   std::size_t admitted_weight_ = 0;  // their total weight (1 per job without weights)
-  const bool coalesce_;
+  const bool can_coalesce_;
+  bool coalesce_ = false; // for the batch being run
   struct follower {
     node_type* job;
     std::size_t next; // the next follower of the same admitted job, or no_match

@@ -131,6 +131,7 @@ private:
 
 public:
   Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
+  bool admission_counted = false;        // took a max_pending_jobs place (detail::admission::reserve)
 };
 
 /// `submit(job)`: one heap block holds the node and an arena from which its `std::promise` allocates

@@ -2,6 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
@@ -17,12 +18,28 @@ namespace microbatch::detail {
 /// `push` wakes a worker only if one is asleep (a signal to a thread that is not asleep costs nothing,
 /// not even a system call).
 ///
+/// Processor slots: at most `slots` workers hold a batch at once (`Options::max_concurrent_batches`,
+/// which `set_slots` changes while running: a worker beyond the new number finishes its batch, and
+/// then only as many as there are slots take the next ones). A worker tells `pop` when it comes back
+/// from a batch (`returning`), so counting costs no extra lock.
+///
 /// Threads: `push` from whichever thread formed the batch (a submitter that filled it, a flusher, the
 /// collector); `pop` from worker threads; `remove_if`, `take_all`, `finish` and `hold` from the
-/// collector and shutdown. All members are thread-safe. Lock order: the forming batch's mutex before
-/// this one (a forming pass pushes while holding it).
+/// collector and shutdown; `set_slots` from a reconfiguring thread. All members are thread-safe. Lock
+/// order: the forming batch's mutex before this one (a forming pass pushes while holding it).
 template <class Node> class ready_queue {
 public:
+  explicit ready_queue(std::size_t slots = 1) : slots_(slots) {}
+
+  /// A new number of processor slots. More: sleeping workers look again at once.
+  void set_slots(std::size_t slots) {
+    {
+      std::lock_guard lock(mutex_);
+      slots_ = slots;
+    }
+    changed_.notify_all();
+  }
+
   /// Queues `batch` (not empty) and wakes one sleeping worker, if any.
   void push(job_list<Node> batch) {
     bool wake = false;
@@ -42,33 +59,44 @@ public:
     finished,  ///< `finish` was called and nothing is left: the worker exits
   };
 
-  /// Waits for a batch and takes it into `batch`; `now_empty` says whether this pop emptied the queue
+  /// Waits for a batch and a free slot and takes the batch into `batch`; `returning`: the caller comes
+  /// back from a batch (its slot is free again). `now_empty` says whether this pop emptied the queue
   /// (shutdown waits for that). Waits while `hold` is in force. With `jobs_waiting` (dispatch when
-  /// idle), a worker about to sleep first counts itself idle, then asks `jobs_waiting()`: if jobs wait
-  /// it returns `form_idle` instead of sleeping. A submitter that publishes a job and then finds a
-  /// worker idle (`idle()`) dispatches for it; in sequentially consistent order one of the two sees
-  /// the other, so a job never waits while a slot sleeps.
-  template <class JobsWaiting> taken pop(job_list<Node>& batch, bool& now_empty, JobsWaiting&& jobs_waiting) {
+  /// idle), a worker about to sleep with a slot free first counts itself idle, then asks
+  /// `jobs_waiting()`: if jobs wait it returns `form_idle` (holding a slot) instead of sleeping. A
+  /// submitter that publishes a job and then finds a worker idle (`idle()`) dispatches for it; in
+  /// sequentially consistent order one of the two sees the other, so a job never waits while a slot
+  /// sleeps. A `form_idle` worker that finds nothing to run gives its slot back with `returning`.
+  template <class JobsWaiting>
+  taken pop(job_list<Node>& batch, bool& now_empty, bool returning, JobsWaiting&& jobs_waiting) {
     std::unique_lock lock(mutex_);
+    if (returning) --running_;
     for (;;) {
-      if (!held_ && !batches_.empty()) {
+      const bool slot_free = running_ < slots_;
+      if (!held_ && !batches_.empty() && slot_free) {
         batch = batches_.pop();
         --queued_;
+        ++running_;
         now_empty = batches_.empty();
         return taken::batch;
       }
-      if (finished_) return taken::finished;
+      // Finished: exit once nothing is left for this worker (with no slot free, the workers holding
+      // the slots come back for what is queued).
+      if (finished_ && (batches_.empty() || held_ || !slot_free)) return taken::finished;
       bool idle_counted = false;
       if constexpr (!std::is_same_v<std::decay_t<JobsWaiting>, std::nullptr_t>) {
-        if (!held_) {
+        if (!held_ && slot_free) {
           idle_.fetch_add(1, std::memory_order_seq_cst);
           idle_counted = true;
           lock.unlock();
           const bool waiting = jobs_waiting(); // takes the forming batch's mutex: not under ours
           lock.lock();
-          if (waiting || !batches_.empty() || finished_) {
+          if (waiting || !batches_.empty() || finished_ || running_ >= slots_) {
             idle_.fetch_sub(1, std::memory_order_seq_cst);
-            if (waiting && batches_.empty() && !finished_) return taken::form_idle;
+            if (waiting && batches_.empty() && !finished_ && running_ < slots_) {
+              ++running_;
+              return taken::form_idle;
+            }
             continue;
           }
         }
@@ -81,15 +109,19 @@ public:
   }
 
   /// `pop` without dispatch when idle: true with a batch, false once finished.
-  bool pop(job_list<Node>& batch, bool& now_empty) { return pop(batch, now_empty, nullptr) == taken::batch; }
+  bool pop(job_list<Node>& batch, bool& now_empty, bool returning = false) {
+    return pop(batch, now_empty, returning, nullptr) == taken::batch;
+  }
 
   /// Workers idle now (dispatch when idle only). Lock-free.
   [[nodiscard]] std::size_t idle() const noexcept { return idle_.load(std::memory_order_seq_cst); }
 
-  /// Idle workers that no queued batch will occupy: how many batches may go out for idleness now.
+  /// Idle workers with a free slot that no queued batch will occupy: how many batches may go out for
+  /// idleness now.
   [[nodiscard]] std::size_t idle_capacity() const {
     std::lock_guard lock(mutex_);
-    const std::size_t idle_workers = idle_.load(std::memory_order_seq_cst);
+    const std::size_t free_slots = running_ < slots_ ? slots_ - running_ : 0;
+    const std::size_t idle_workers = std::min(idle_.load(std::memory_order_seq_cst), free_slots);
     return idle_workers > queued_ ? idle_workers - queued_ : 0;
   }
 
@@ -130,6 +162,8 @@ private:
   std::size_t queued_ = 0;                       // guarded by mutex_; batches in batches_
   alignas(64) std::atomic<std::size_t> idle_{0}; // workers counted idle by pop (dispatch when idle)
   std::size_t sleeping_ = 0;                     // guarded by mutex_; workers inside changed_.wait
+  std::size_t slots_;                            // guarded by mutex_; Options::max_concurrent_batches
+  std::size_t running_ = 0;                      // guarded by mutex_; workers holding a batch (or forming one)
   bool held_ = false;                            // guarded by mutex_
   bool finished_ = false;                        // guarded by mutex_
 };
