@@ -1,6 +1,7 @@
 // Batcher::reconfigure and Batcher::options: validated like the constructor, applied while jobs flow.
 #include <catch2/catch.hpp>
 
+#include <latch>
 #include <mutex>
 #include <semaphore>
 
@@ -246,11 +247,15 @@ TEST_CASE("reconfigure: dispatch_when_idle switched on sends the waiting jobs to
 }
 
 TEST_CASE("reconfigure: duplicate_ids and on_batch apply from the next batch", "[reconfigure]") {
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 2, .max_batch_delay = 1h});
+  std::latch first_observed(1); // the first batch's observer ran (it runs after its jobs ended)
+  Options options{.max_batch_size = 2, .max_batch_delay = 1h};
+  options.on_batch = [&](const microbatch::BatchInfo&) { first_observed.count_down(); };
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, options);
   auto first = batcher.submit({7, 1});
   auto twin = batcher.submit({7, 1});
   CHECK(first.get().value == 2);
   CHECK_THROWS_AS(twin.get(), microbatch::duplicate_id);
+  first_observed.wait();
 
   std::mutex seen_mutex;
   std::vector<std::size_t> seen; // guarded by seen_mutex

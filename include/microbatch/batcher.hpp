@@ -392,10 +392,12 @@ public:
       on_batch_ = std::move(observer);
     }
     has_on_batch_.store(static_cast<bool>(next.on_batch), std::memory_order_release);
-    dispatch_when_idle_.store(next.dispatch_when_idle, std::memory_order_seq_cst);
     ready_.set_slots(next.max_concurrent_batches);
     {
       std::lock_guard lock(forming_.mutex());
+      // Under the forming mutex, as the idle dispatches check it: none happens after this call returns
+      // unless the new options allow it.
+      dispatch_when_idle_.store(next.dispatch_when_idle, std::memory_order_seq_cst);
       auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
       forming_.set_limits(next.max_batch_size, next.max_batch_delay, next.max_batch_weight, full);
       forming_.take_arrivals(now(), full); // re-arms the thresholds for the new limits
@@ -608,7 +610,7 @@ private:
     std::lock_guard lock(forming_.mutex());
     auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
     forming_.take_arrivals(now(), full);
-    if (!forming_.empty() && ready_.idle_capacity() != 0) {
+    if (dispatch_when_idle_.load(std::memory_order_relaxed) && !forming_.empty() && ready_.idle_capacity() != 0) {
       dispatch(forming_.cut(), Trigger::idle);
       forming_.take_arrivals(now(), full); // re-arms the size threshold
     }
@@ -623,7 +625,7 @@ private:
     auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
     forming_.take_arrivals(now(), full);
     batch taken;
-    if (!forming_.empty() && ready_.empty()) {
+    if (dispatch_when_idle_.load(std::memory_order_relaxed) && !forming_.empty() && ready_.empty()) {
       count_dispatch(Trigger::idle);
       taken = forming_.cut();
       taken.trigger = Trigger::idle;
