@@ -1,7 +1,9 @@
 // libFuzzer target: decodes the input into options and a sequence of operations (submits with and
-// without deadlines, flushes, time steps on a manual clock, processor fault modes, shutdown in either
-// mode), runs them against a Batcher, and checks the invariants: every accepted job's future is ready
-// after shutdown, holding the right value or an allowed error, and the counters add up.
+// without deadlines, flushes, time steps on a manual clock, processor fault modes, reconfigure with
+// new limits, weights and duplicate policy, shutdown in either mode), runs them against a Batcher,
+// and checks the invariants: every accepted job's future is ready after shutdown, holding the right
+// value (with coalescing: the value of a job with the same ID) or an allowed error, and the counters
+// add up.
 #include <microbatch/microbatch.hpp>
 
 #include <atomic>
@@ -10,6 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <future>
+#include <map>
+#include <set>
 #include <span>
 #include <vector>
 
@@ -45,6 +49,7 @@ private:
 
 struct faulty_processor {
   std::atomic<int>* mode;
+  std::size_t weight(const Job& job) const { return 1 + job.payload % 8; }
   std::vector<Result> operator()(std::span<Job> jobs) const {
     std::vector<Result> results;
     for (const Job& job : jobs)
@@ -79,15 +84,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   microbatch::manual_clock clock;
   std::atomic<int> fault_mode{0};
   microbatch::Options options;
-  options.max_batch_size = in.byte() % 17;
-  options.max_batch_delay = std::chrono::microseconds(in.byte() % 3 == 0 ? 0 : 1 + in.byte() % 50);
-  options.max_concurrent_batches = 1 + in.byte() % 3;
-  if (in.byte() % 4 == 0) {
-    options.max_pending_jobs = std::max<std::size_t>(options.max_batch_size, 1) * (1 + in.byte() % 3);
-    options.overflow = microbatch::Overflow::reject; // a single-threaded driver must never block
-  }
+  // The limits, decoded at the start and again for every reconfigure.
+  auto decode_limits = [&in](microbatch::Options& o) {
+    o.max_batch_size = in.byte() % 17;
+    o.max_batch_delay = std::chrono::microseconds(in.byte() % 3 == 0 ? 0 : 1 + in.byte() % 50);
+    o.max_concurrent_batches = 1 + in.byte() % 3;
+    o.max_pending_jobs = 0;
+    if (in.byte() % 4 == 0) {
+      o.max_pending_jobs = std::max<std::size_t>(o.max_batch_size, 1) * (1 + in.byte() % 3);
+      o.overflow = microbatch::Overflow::reject; // a single-threaded driver must never block
+    }
+    o.dispatch_when_idle = in.byte() % 2 == 0;
+    o.max_batch_weight = in.byte() % 3 == 0 ? 4 + in.byte() % 16 : 0; // jobs weigh 1 to 8
+    o.duplicate_ids = in.byte() % 3 == 0 ? microbatch::DuplicateIds::coalesce : microbatch::DuplicateIds::reject;
+  };
+  decode_limits(options);
   options.clock = &clock;
-  options.dispatch_when_idle = in.byte() % 2 == 0;
   std::atomic<std::uint64_t> observed_jobs{0};
   options.on_batch = [&observed_jobs](const microbatch::BatchInfo& info) {
     if (info.size == 0) std::abort(); // only batches that reached the processor are reported
@@ -96,10 +108,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   struct submitted {
     std::future<Result> future;
+    std::uint64_t id;
     std::uint64_t payload;
     bool had_deadline;
   };
   std::vector<submitted> futures;
+  std::map<std::uint64_t, std::set<std::uint64_t>> payloads_of_id; // what a coalesced copy may carry
+  bool coalesced_ever = options.duplicate_ids == microbatch::DuplicateIds::coalesce;
+  std::size_t weight_limit = options.max_batch_weight;
   std::uint64_t rejected = 0;
   auto shutdown_mode = microbatch::Shutdown::drain;
   {
@@ -107,21 +123,33 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                                                options);
     bool closed = false;
     while (in.more()) {
-      const std::uint8_t op = in.byte() % 8;
+      const std::uint8_t op = in.byte() % 9;
+      Job job{0, 0};
       try {
         switch (op) {
         case 0:
         case 1: {
-          const Job job{in.byte() % 16u, in.byte()};
-          futures.push_back({batcher.submit(job), job.payload, false});
+          job = Job{in.byte() % 16u, in.byte()};
+          futures.push_back({batcher.submit(job), job.id, job.payload, false});
+          payloads_of_id[job.id].insert(job.payload);
           check(!closed, "submit after shutdown was accepted");
           break;
         }
         case 2: {
-          const Job job{in.byte() % 16u, in.byte()};
+          job = Job{in.byte() % 16u, in.byte()};
           const auto deadline = clock.now() + std::chrono::microseconds(in.byte() % 64);
-          futures.push_back({batcher.submit(job, deadline), job.payload, true});
+          futures.push_back({batcher.submit(job, deadline), job.id, job.payload, true});
+          payloads_of_id[job.id].insert(job.payload);
           check(!closed, "submit after shutdown was accepted");
+          break;
+        }
+        case 7: {
+          microbatch::Options next = batcher.options();
+          decode_limits(next);
+          batcher.reconfigure(next);
+          check(batcher.options().max_batch_size == next.max_batch_size, "options() after reconfigure");
+          coalesced_ever = coalesced_ever || next.duplicate_ids == microbatch::DuplicateIds::coalesce;
+          weight_limit = next.max_batch_weight;
           break;
         }
         case 3:
@@ -157,6 +185,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         check(closed, "batcher_closed before shutdown");
       } catch (const microbatch::deadline_exceeded&) {
         // a deadline already past at submit
+      } catch (const microbatch::oversized_job&) {
+        check(weight_limit != 0 && faulty_processor{}.weight(job) > weight_limit, "oversized_job within the limit");
       }
     }
     batcher.shutdown(shutdown_mode);
@@ -166,7 +196,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       check(s.future.wait_for(0s) == std::future_status::ready, "a future is not ready after shutdown");
       try {
         const Result result = s.future.get();
-        check(result.value == s.payload + 1, "a job got another job's result");
+        check(result.value == s.payload + 1 ||
+                  (coalesced_ever && result.id == s.id && payloads_of_id[s.id].count(result.value - 1) != 0),
+              "a job got another job's result");
         ++values;
       } catch (const microbatch::deadline_exceeded&) {
         check(s.had_deadline, "deadline_exceeded without a deadline");

@@ -1,7 +1,7 @@
 // Randomized fault injection: many producers using every submission style against a processor that
-// throws, drops, duplicates, invents, reorders and stalls; random options, flushes, deadlines,
-// cancellations and shutdowns (both modes) at random moments. Invariants: every accepted job ends
-// exactly once with the right value or an allowed error, the counters add up, nothing is pending after
+// throws, drops, duplicates, invents, reorders and stalls; random options, reconfigured at random
+// moments, flushes, deadlines, cancellations and shutdowns (both modes) at random moments. Invariants: every accepted
+// job ends exactly once with the right value or an allowed error, the counters add up, nothing is pending after
 // shutdown, and nothing hangs (a watchdog aborts with the seed).
 //
 //   MICROBATCH_STRESS_SEED=<n>     replay one seed
@@ -180,6 +180,19 @@ template <class B> detached await_job(B& batcher, StressJob job, shared_tally& s
   shared.outstanding.fetch_sub(1);
 }
 
+/// Random batching limits (size, delay, slots, backpressure, idle dispatch): for the batcher, and
+/// again and again for `reconfigure` while jobs flow.
+template <class Pick> void random_limits(Pick& pick, Options& options) {
+  options.max_batch_size = pick(0, 24);
+  options.max_batch_delay = std::chrono::microseconds(pick(0, 3) == 0 ? 0 : pick(50, 1500));
+  if (options.max_batch_size == 0 && options.max_batch_delay.count() == 0) options.max_batch_delay = 200us;
+  options.max_concurrent_batches = pick(1, 3);
+  options.max_pending_jobs =
+      pick(0, 2) == 0 ? std::max<std::size_t>(options.max_batch_size, 1) * pick(1, 4) : std::size_t{0};
+  options.overflow = pick(0, 1) == 0 ? microbatch::Overflow::block : microbatch::Overflow::reject;
+  options.dispatch_when_idle = pick(0, 2) == 0;
+}
+
 totals run_round(std::uint64_t seed, totals& sum) {
   std::mt19937_64 random(seed);
   auto pick = [&](std::uint64_t lo, std::uint64_t hi) {
@@ -187,13 +200,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   };
 
   Options options;
-  options.max_batch_size = pick(0, 24);
-  options.max_batch_delay = std::chrono::microseconds(pick(0, 3) == 0 ? 0 : pick(50, 1500));
-  if (options.max_batch_size == 0 && options.max_batch_delay.count() == 0) options.max_batch_delay = 200us;
-  options.max_concurrent_batches = pick(1, 3);
-  if (pick(0, 2) == 0) options.max_pending_jobs = std::max<std::size_t>(options.max_batch_size, 1) * pick(1, 4);
-  options.overflow = pick(0, 1) == 0 ? microbatch::Overflow::block : microbatch::Overflow::reject;
-  options.dispatch_when_idle = pick(0, 2) == 0;
+  random_limits(pick, options);
   std::atomic<std::uint64_t> observed_batches{0}, observed_jobs{0};
   options.on_batch = [&](const microbatch::BatchInfo& info) {
     observed_batches.fetch_add(1);
@@ -205,6 +212,7 @@ totals run_round(std::uint64_t seed, totals& sum) {
   const bool shutdown_early = pick(0, 1) == 0;
   const auto shutdown_mode = pick(0, 1) == 0 ? microbatch::Shutdown::drain : microbatch::Shutdown::cancel;
   const bool escalate = pick(0, 2) == 0; // an early drain is escalated by a cancel from another thread
+  const bool reconfigures = pick(0, 1) == 0;
 
   chaos_processor processor(seed ^ 0x9e3779b97f4a7c15ull);
   stress_batcher batcher(std::ref(processor), &StressJob::id, &StressResult::id, options);
@@ -301,6 +309,11 @@ totals run_round(std::uint64_t seed, totals& sum) {
     for (std::uint64_t step = 0; producers_done.load() < producers; ++step) {
       const auto action = draw(0, 9);
       if (action == 0) batcher.flush();
+      if (action == 9 && reconfigures) { // new limits while jobs flow (on_batch and the rest stay)
+        Options next = batcher.options();
+        random_limits(draw, next);
+        batcher.reconfigure(next);
+      }
       if (action <= 3) {
         std::lock_guard lock(stops_mutex);
         if (!stops.empty()) stops[draw(0, stops.size() - 1)]->request_stop();
