@@ -220,7 +220,6 @@ TEST_CASE("ready queue: no more workers hold a batch than there are slots; set_s
   ready.set_slots(2);
   CHECK(second.get() == std::vector<int>{1}); // a second slot: taken at once
   ready.set_slots(1);                         // two hold batches; one slot from now on
-  microbatch::detail::job_list<node> third;
   auto returning = std::async(std::launch::async, [&] {
     microbatch::detail::job_list<node> mine;
     bool now_empty = false;
