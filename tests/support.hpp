@@ -114,6 +114,16 @@ inline auto logged_and_gated(batch_log& log, gate& held) {
   };
 }
 
+/// A processor whose jobs weigh their `value` (think: bytes of a payload); records each batch in `log`.
+struct weighing_processor {
+  batch_log* log;
+  std::vector<Result> operator()(std::span<Job> jobs) const {
+    log->record(jobs);
+    return doubled(jobs);
+  }
+  std::size_t weight(const Job& job) const { return std::size_t(job.value); }
+};
+
 /// The smallest coroutine type: starts at once, runs to its end, frees its own frame.
 struct detached {
   struct promise_type {

@@ -271,12 +271,13 @@ struct allocating_handler {
 
 TEST_CASE("the operation allocates with the handler's associated allocator", "[asio]") {
   net::io_context io;
-  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 1});
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, held()); // the job waits until the flush
   std::atomic<int> allocations{0};
   outcome seen;
   microbatch::async_execute(batcher, Job{1, 1},
                             allocating_handler{counting_allocator<void>(&allocations), io.get_executor(), &seen});
   CHECK(allocations.load() == 1); // the job's node, before anything ran
+  batcher.flush();
   io.run();
   REQUIRE(seen.called);
   CHECK(seen.result.value == 2);
@@ -284,6 +285,14 @@ TEST_CASE("the operation allocates with the handler's associated allocator", "[a
 }
 
 #if TEST_ASIO_TOKENS
+/// A handler bound to `io` and to `signal`'s slot that records its outcome into `seen`.
+auto recorded_with_slot(net::io_context& io, net::cancellation_signal& signal, outcome& seen) {
+  return net::bind_cancellation_slot(signal.slot(),
+                                     net::bind_executor(io, [&seen](std::exception_ptr error, Result result) {
+                                       seen = {error, result, std::this_thread::get_id(), true};
+                                     }));
+}
+
 TEST_CASE("terminal cancellation takes a queued job out; other types are ignored", "[asio]") {
   batch_log log;
   auto logged = [&](std::span<Job> jobs) {
@@ -294,11 +303,7 @@ TEST_CASE("terminal cancellation takes a queued job out; other types are ignored
   microbatch::Batcher batcher(logged, &Job::id, &Result::id, held());
   net::cancellation_signal signal;
   outcome seen;
-  microbatch::async_execute(
-      batcher, Job{1, 1},
-      net::bind_cancellation_slot(signal.slot(), net::bind_executor(io, [&](std::exception_ptr error, Result result) {
-                                    seen = {error, result, std::this_thread::get_id(), true};
-                                  })));
+  microbatch::async_execute(batcher, Job{1, 1}, recorded_with_slot(io, signal, seen));
   // Emitted from the io_context, as Asio requires (the handler's executor).
   net::post(io, [&] {
     signal.emit(net::cancellation_type::partial); // not supported: ignored
@@ -383,11 +388,7 @@ TEST_CASE("a job cancelled inside the processor runs on; its result is discarded
   microbatch::Batcher batcher(held_processor, &Job::id, &Result::id, Options{.max_batch_size = 1});
   net::cancellation_signal signal;
   outcome seen;
-  microbatch::async_execute(
-      batcher, Job{1, 1},
-      net::bind_cancellation_slot(signal.slot(), net::bind_executor(io, [&](std::exception_ptr error, Result result) {
-                                    seen = {error, result, std::this_thread::get_id(), true};
-                                  })));
+  microbatch::async_execute(batcher, Job{1, 1}, recorded_with_slot(io, signal, seen));
   inside.await_entered();
   net::post(io, [&] { signal.emit(net::cancellation_type::terminal); });
   io.run();

@@ -169,15 +169,22 @@ TEST_CASE("collector clock: only a sooner time lowers the plan and wakes the sle
   CHECK(clock.request_flush() == 0); // exited: nothing more to flush
 }
 
+namespace {
+/// Queues each of `nodes` (numbered 0, 1, ...) as a batch of its own.
+void queue_one_batch_each(microbatch::detail::ready_queue<node>& ready, std::vector<node>& nodes) {
+  for (std::size_t i = 0; i < nodes.size(); ++i) {
+    nodes[i].id = int(i);
+    microbatch::detail::job_list<node> batch;
+    batch.push_back(&nodes[i]);
+    ready.push(batch);
+  }
+}
+} // namespace
+
 TEST_CASE("ready queue: first in first out; hold stops workers; finish lets them exit", "[parts]") {
   microbatch::detail::ready_queue<node> ready;
   std::vector<node> nodes(3);
-  for (int i = 0; i < 3; ++i) {
-    nodes[std::size_t(i)].id = i;
-    microbatch::detail::job_list<node> batch;
-    batch.push_back(&nodes[std::size_t(i)]);
-    ready.push(batch);
-  }
+  queue_one_batch_each(ready, nodes);
   microbatch::detail::job_list<node> taken;
   bool emptied = false;
   REQUIRE(ready.pop(taken, emptied));
@@ -201,12 +208,7 @@ TEST_CASE("ready queue: first in first out; hold stops workers; finish lets them
 TEST_CASE("ready queue: no more workers hold a batch than there are slots; set_slots changes that", "[parts]") {
   microbatch::detail::ready_queue<node> ready(1);
   std::vector<node> nodes(3);
-  for (int i = 0; i < 3; ++i) {
-    nodes[std::size_t(i)].id = i;
-    microbatch::detail::job_list<node> batch;
-    batch.push_back(&nodes[std::size_t(i)]);
-    ready.push(batch);
-  }
+  queue_one_batch_each(ready, nodes);
   microbatch::detail::job_list<node> first;
   bool emptied = false;
   REQUIRE(ready.pop(first, emptied)); // takes the one slot

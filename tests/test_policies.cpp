@@ -238,18 +238,6 @@ TEST_CASE("DuplicateIds::coalesce is refused without IDs or with a Result that c
   CHECK_THROWS_WITH(move_only(process, &Job::id, &Unique::id, options), Catch::Contains("copy-constructible"));
 }
 
-namespace {
-/// A processor whose jobs weigh their `value` (think: bytes of a payload).
-struct weighing_processor {
-  batch_log* log;
-  std::vector<Result> operator()(std::span<Job> jobs) const {
-    log->record(jobs);
-    return doubled(jobs);
-  }
-  std::size_t weight(const Job& job) const { return std::size_t(job.value); }
-};
-} // namespace
-
 TEST_CASE("max_batch_weight: a batch that reaches the weight goes at once; a job that would exceed it closes "
           "the batch first",
           "[policies][weight]") {

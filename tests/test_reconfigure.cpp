@@ -12,16 +12,6 @@ using microbatch::Options;
 
 namespace {
 
-/// A processor whose jobs weigh their `value`.
-struct weighing {
-  batch_log* log;
-  std::vector<Result> operator()(std::span<Job> jobs) const {
-    log->record(jobs);
-    return doubled(jobs);
-  }
-  std::size_t weight(const Job& job) const { return std::size_t(job.value); }
-};
-
 /// Lets batches through one at a time (`let_one`), and records how many batches were inside the
 /// processor when each one entered. Thread-safe.
 class turnstile {
@@ -279,7 +269,7 @@ TEST_CASE("reconfigure: duplicate_ids and on_batch apply from the next batch", "
 TEST_CASE("reconfigure: a weight limit set later judges the waiting jobs by their weights", "[reconfigure][weight]") {
   microbatch::manual_clock clock; // never advanced
   batch_log log;
-  microbatch::Batcher batcher(weighing{&log}, &Job::id, &Result::id,
+  microbatch::Batcher batcher(weighing_processor{&log}, &Job::id, &Result::id,
                               Options{.max_batch_size = 100, .max_batch_delay = 1h, .clock = &clock});
   std::vector<std::future<Result>> results;
   for (std::uint64_t id = 1; id <= 3; ++id)

@@ -130,8 +130,9 @@ private:
   const bool cancellable_;
 
 public:
-  Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
+  // Next to the flags above: in their padding, so the node does not grow.
   bool admission_counted = false;        // took a max_pending_jobs place (detail::admission::reserve)
+  Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
 };
 
 /// `submit(job)`: one heap block holds the node and an arena from which its `std::promise` allocates
