@@ -362,7 +362,9 @@ public:
 
   /// Changes the options while jobs flow. `options` is validated as by the constructor (invalid:
   /// `std::invalid_argument` naming the field, and nothing changes); the `clock` cannot change (a
-  /// different one is invalid). No job is lost or ended twice. From when each field applies:
+  /// different one is invalid). If a thread cannot be started, the call throws and changes nothing but
+  /// the threads already started, which stay asleep. No job is lost or ended twice. From when each
+  /// field applies:
   ///  - `max_batch_size`, `max_batch_delay`, `max_batch_weight`: at once, to the jobs already waiting:
   ///    a forming batch that is full by the new limits is dispatched now, and the forming batch's delay
   ///    counts from its first job as before. (A waiting job heavier than a lowered weight limit goes
@@ -372,15 +374,19 @@ public:
   ///    Threads are kept until shutdown.
   ///  - `max_pending_jobs`, `overflow`: for jobs submitted from now on (a job accepted while unbounded
   ///    never counts against a bound set later); submitters blocked at the old bound look again.
-  ///  - `dispatch_when_idle`, `duplicate_ids`, `on_batch`: from the next batch.
+  ///  - `dispatch_when_idle`, `duplicate_ids`, `on_batch`: from the next batch. The previous `on_batch`
+  ///    may still be running when this returns, or be called once more for a batch that was ending
+  ///    meanwhile: keep what it uses alive until `shutdown` (after which no observer runs).
   /// Concurrent calls are serialised; `options()` returns the last one that succeeded. May be called
   /// from the processor, a callback or `on_batch`. Thread-safe.
   void reconfigure(const Options& options) {
+    // Declared before the lock: the old options and observer, swapped into these, are destroyed after
+    // it is released (a destructor that calls back into the batcher must not find it held).
     Options next = checked(options, keyed_);
+    std::shared_ptr<const batch_observer> observer = std::make_shared<const batch_observer>(next.on_batch);
     std::lock_guard config_lock(options_mutex_);
     if (next.clock != options_.clock)
       throw std::invalid_argument("microbatch::Options::clock cannot be changed by reconfigure");
-    auto observer = std::make_shared<const batch_observer>(next.on_batch); // may throw: before any change
     {
       std::lock_guard lock(threads_mutex_); // may throw (no thread): before any other change
       if (!threads_closed_) add_workers(std::max(workers_.size(), next.max_concurrent_batches));
@@ -389,7 +395,7 @@ public:
     coalesce_.store(next.duplicate_ids == DuplicateIds::coalesce, std::memory_order_relaxed);
     {
       std::lock_guard lock(on_batch_mutex_);
-      on_batch_ = std::move(observer);
+      on_batch_.swap(observer); // the old one is destroyed below, outside every lock
     }
     has_on_batch_.store(static_cast<bool>(next.on_batch), std::memory_order_release);
     ready_.set_slots(next.max_concurrent_batches);
@@ -405,7 +411,7 @@ public:
     }
     clock_.wake(); // the collector plans again (its plan may rest on the old delay)
     if (next.dispatch_when_idle && ready_.idle() != 0) dispatch_for_idle_worker();
-    options_ = std::move(next);
+    std::swap(options_, next); // the old options (their on_batch) die with `next`, after the locks
   }
 
   /// The options in force: as constructed, or as last reconfigured. Thread-safe.
@@ -625,7 +631,9 @@ private:
     auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
     forming_.take_arrivals(now(), full);
     batch taken;
-    if (dispatch_when_idle_.load(std::memory_order_relaxed) && !forming_.empty() && ready_.empty()) {
+    // Not once shutdown began: the collector ends what is left (Shutdown::cancel fails it).
+    if (dispatch_when_idle_.load(std::memory_order_relaxed) && !admission_.closed() && !forming_.empty() &&
+        ready_.empty()) {
       count_dispatch(Trigger::idle);
       taken = forming_.cut();
       taken.trigger = Trigger::idle;

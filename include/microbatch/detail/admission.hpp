@@ -65,12 +65,13 @@ public:
   template <class StopToken = never_stops>
   [[nodiscard]] bool reserve(std::atomic<std::uint64_t>& rejected, bool beyond_bound_allowed,
                              const StopToken& stop = {}) {
-    if (max_pending_.load(std::memory_order_relaxed) == 0) return false;
+    const std::size_t bound = max_pending_.load(std::memory_order_relaxed);
+    if (bound == 0) return false;
     if (const place taken = try_take(); taken != place::none) return taken == place::counted;
     if (overflow_.load(std::memory_order_relaxed) == Overflow::reject) {
       rejected.fetch_add(1, std::memory_order_relaxed);
-      throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" +
-                       std::to_string(max_pending_.load(std::memory_order_relaxed)) + ") jobs are pending");
+      throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" + std::to_string(bound) +
+                       ") jobs are pending");
     }
     if (beyond_bound_allowed) {
       pending_.fetch_add(1, std::memory_order_seq_cst);

@@ -51,8 +51,8 @@ public:
   }
 
   /// The current `max_batch_delay` and `max_batch_weight`. Lock-free.
-  [[nodiscard]] std::chrono::nanoseconds delay() const noexcept { return delay_.load(std::memory_order_relaxed); }
-  [[nodiscard]] std::size_t max_weight() const noexcept { return max_weight_.load(std::memory_order_relaxed); }
+  [[nodiscard]] std::chrono::nanoseconds delay() const noexcept { return delay_.load(std::memory_order_acquire); }
+  [[nodiscard]] std::size_t max_weight() const noexcept { return max_weight_.load(std::memory_order_acquire); }
 
   /// (mutex held) New limits. The forming batch is judged by them at once: `full(job_list)` gets each
   /// batch that is full now (as in `take_arrivals`, which the caller runs next to re-arm the
@@ -61,8 +61,8 @@ public:
   void set_limits(std::size_t max_batch_size, std::chrono::nanoseconds max_batch_delay, std::size_t max_batch_weight,
                   Full&& full) {
     max_size_ = max_batch_size;
-    delay_.store(max_batch_delay, std::memory_order_relaxed);
-    max_weight_.store(weighed_ ? max_batch_weight : 0, std::memory_order_relaxed);
+    delay_.store(max_batch_delay, std::memory_order_release);
+    max_weight_.store(weighed_ ? max_batch_weight : 0, std::memory_order_release);
     job_list<Node> waiting = forming_;
     const time_point started = start_;
     forming_ = {};

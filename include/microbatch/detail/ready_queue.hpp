@@ -93,7 +93,7 @@ public:
           lock.lock();
           if (waiting || !batches_.empty() || finished_ || running_ >= slots_) {
             idle_.fetch_sub(1, std::memory_order_seq_cst);
-            if (waiting && batches_.empty() && !finished_ && running_ < slots_) {
+            if (waiting && !held_ && batches_.empty() && !finished_ && running_ < slots_) {
               ++running_;
               return taken::form_idle;
             }
