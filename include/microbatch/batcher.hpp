@@ -207,7 +207,9 @@ public:
   }
 
   /// Submits `job` and waits for its end: returns its result or throws its error (or what `submit`
-  /// throws). The job's node lives in this call's frame: no allocation by the batcher. Thread-safe.
+  /// throws). The job's node lives in this call's frame: no allocation by the batcher. With
+  /// `dispatch_when_idle`, a call that finds a processor slot free runs the batch (its job and any
+  /// others waiting) on its own thread, as a worker would: no hand-off to a worker and back. Thread-safe.
   Result execute_job(Job job) { return execute_job(std::move(job), time_point::max()); }
 
   /// As `execute_job(job)`, and the job fails with `deadline_exceeded` if `deadline` passes before it
@@ -217,7 +219,7 @@ public:
     throw_if_past(deadline, "execute_job");
     detail::waiting_node<Job, Result> waiting(std::move(job));
     waiting.deadline = deadline;
-    admit_and_enqueue(&waiting);
+    admit_and_enqueue(&waiting, detail::never_stops{}, true); // this thread may run the batch (when idle)
     waiting.done.wait();
     return waiting.take();
   }
@@ -350,6 +352,7 @@ public:
     if (joined_) return;
     collector_.join();
     join_workers();
+    ready_.await_borrows(); // callers still running a batch (run_for_caller)
     std::uint64_t published = 0; // every job the inbox ever took: the closed inbox holds no more
     {
       std::lock_guard forming_lock(forming_.mutex());
@@ -457,6 +460,7 @@ private:
   using node_type = detail::job_node<Job, Result>;
   using batch = detail::job_list<node_type>;
   using failure = detail::failure;
+  using runner_type = detail::batch_runner<Job, Result>;
 
   /// The processor, through a `std::reference_wrapper` if it is one.
   static const auto& unwrapped(const Processor& processor) noexcept {
@@ -568,17 +572,21 @@ private:
 
   /// Weighs `job` (with a weight limit), takes a place (backpressure), then queues it; on success the
   /// batcher owns it.
-  template <class StopToken = detail::never_stops> void admit_and_enqueue(node_type* job, const StopToken& stop = {}) {
+  /// `caller_waits`: the calling thread blocks for this job next (`execute_job`), so with dispatch when
+  /// idle it may run the batch itself (`run_for_caller`).
+  template <class StopToken = detail::never_stops>
+  void admit_and_enqueue(node_type* job, const StopToken& stop = {}, bool caller_waits = false) {
     if constexpr (has_weight) weigh(*job);
     job->admission_counted = admission_.reserve(jobs_rejected_, current_batcher() == this, stop);
-    enqueue(job);
+    enqueue(job, caller_waits);
   }
 
   /// Publishes `job` into the forming batch (ownership passes on success) or throws batcher_closed.
-  /// If it fills the batch, dispatches it here, on this thread. Wakes the collector only if this job
-  /// needs it sooner than planned: it starts a batch whose delay ends before the collector's next
-  /// look, or has a deadline before it.
-  void enqueue(node_type* job) {
+  /// If it fills the batch, dispatches it here, on this thread (with dispatch when idle also for an
+  /// idle worker, or runs it here: `caller_waits`). Wakes the collector only if this job needs it
+  /// sooner than planned: it starts a batch whose delay ends before the collector's next look, or has a
+  /// deadline before it.
+  void enqueue(node_type* job, bool caller_waits = false) {
     const time_point deadline = job->deadline; // after the push, the node may already be gone
     const std::size_t weight = job->weight;
     time_point arrival = time_point::max();
@@ -594,8 +602,23 @@ private:
       std::atomic<std::uint64_t>& returned;
       ~count_out() { returned.fetch_add(1, std::memory_order_release); }
     } on_return{enqueues_returned_};
-    if (forming_.count_arrival(weight)) form_full_batches();
-    if (dispatch_when_idle_.load(std::memory_order_seq_cst) && ready_.idle() != 0) dispatch_for_idle_worker();
+    // A forming pass here takes this job from the inbox (or finds it taken by an earlier pass) and
+    // wakes the clock for what it leaves forming: this call need not wake it for the job again.
+    bool formed = false;
+    if (forming_.count_arrival(weight)) {
+      form_full_batches();
+      formed = true;
+    }
+    if (dispatch_when_idle_.load(std::memory_order_seq_cst)) {
+      if (caller_waits) {
+        formed = true;
+        if (!run_for_caller() && ready_.idle() != 0) dispatch_for_idle_worker();
+      } else if (ready_.idle() != 0) {
+        dispatch_for_idle_worker();
+        formed = true;
+      }
+    }
+    if (formed) return;
     if (arrival != time_point::max()) {
       const std::chrono::nanoseconds delay = forming_.delay();
       if (delay.count() > 0) clock_.wake_by(saturating_add(arrival, delay));
@@ -621,6 +644,80 @@ private:
       forming_.take_arrivals(now(), full); // re-arms the size threshold
     }
     wake_clock_for_forming();
+  }
+
+  /// Dispatch when idle, on a caller about to block for its job (`execute_job`): if a processor slot is
+  /// free and no queued batch waits for one, the caller borrows the slot, takes the forming batch (its
+  /// own job, and any others waiting) and runs it on its own thread, as a worker would (no hand-off to a
+  /// worker and back: on two cores those cost more than a fast processor). Then, as a worker coming
+  /// back from a batch would, it hands jobs that arrived meanwhile to an idle worker. Always runs a
+  /// forming pass; true if it ran a batch.
+  bool run_for_caller() {
+    batch jobs;
+    {
+      std::lock_guard lock(forming_.mutex());
+      auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
+      forming_.take_arrivals(now(), full);
+      // Not once shutdown began: the collector ends what is left (Shutdown::cancel fails it).
+      if (dispatch_when_idle_.load(std::memory_order_relaxed) && !admission_.closed() && !forming_.empty() &&
+          ready_.try_borrow_slot()) {
+        count_dispatch(Trigger::idle);
+        jobs = forming_.cut(Trigger::idle);
+        forming_.take_arrivals(now(), full);
+      }
+      wake_clock_for_forming();
+    }
+    if (jobs.empty()) return false;
+    struct borrowed_slot { // shutdown waits for end_borrow: the last touch of the batcher
+      Batcher& owner;
+      ~borrowed_slot() {
+        owner.ready_.return_slot();
+        if (owner.dispatch_when_idle_.load(std::memory_order_seq_cst) && owner.ready_.idle() != 0)
+          owner.dispatch_for_idle_worker();
+        owner.ready_.end_borrow();
+      }
+    } slot{*this};
+    std::unique_ptr<runner_type> runner = take_spare_runner();
+    if (!runner) { // out of memory for a runner: a worker runs the batch instead
+      std::lock_guard lock(forming_.mutex()); // as every dispatch: the draining collector judges under it
+      ready_.push(jobs);
+      return true;
+    }
+    {
+      struct batcher_thread { // for the batch's callbacks and the processor: see current_batcher()
+        const void* previous;
+        ~batcher_thread() { current_batcher() = previous; }
+      } mark{std::exchange(current_batcher(), this)};
+      runner->run(jobs);
+    }
+    give_back_runner(std::move(runner));
+    return true;
+  }
+
+  /// A runner for a caller that runs a batch (`run_for_caller`): a spare one, or a new one; null if
+  /// none could be made. There are never more than the processor slots in use at once.
+  std::unique_ptr<runner_type> take_spare_runner() noexcept {
+    {
+      std::lock_guard lock(spare_runners_mutex_);
+      if (!spare_runners_.empty()) {
+        std::unique_ptr<runner_type> runner = std::move(spare_runners_.back());
+        spare_runners_.pop_back();
+        return runner;
+      }
+    }
+    try {
+      return make_runner_();
+    } catch (...) {
+      return nullptr;
+    }
+  }
+
+  void give_back_runner(std::unique_ptr<runner_type> runner) noexcept {
+    std::lock_guard lock(spare_runners_mutex_);
+    try {
+      spare_runners_.push_back(std::move(runner));
+    } catch (...) { // out of memory: the runner is destroyed here, and a new one made next time
+    }
   }
 
   /// Dispatch when idle, on a worker about to sleep with jobs waiting: it takes the forming batch
@@ -956,7 +1053,9 @@ private:
   std::mutex shutdown_mutex_;
   bool joined_ = false; // guarded by shutdown_mutex_
 
-  std::function<std::unique_ptr<detail::batch_runner<Job, Result>>()> make_runner_; // one per worker
+  std::function<std::unique_ptr<runner_type>()> make_runner_; // one per worker, and per borrowed slot
+  std::mutex spare_runners_mutex_;
+  std::vector<std::unique_ptr<runner_type>> spare_runners_; // guarded by spare_runners_mutex_; run_for_caller's
   std::mutex threads_mutex_;
   bool threads_closed_ = false;      // guarded by threads_mutex_: shutdown took the workers to join
   std::vector<std::thread> workers_; // guarded by threads_mutex_; threads last: they start after every other

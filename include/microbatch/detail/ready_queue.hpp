@@ -23,10 +23,15 @@ namespace microbatch::detail {
 /// then only as many as there are slots take the next ones). A worker tells `pop` when it comes back
 /// from a batch (`returning`), so counting costs no extra lock.
 ///
+/// A caller that would otherwise block for its job (dispatch when idle) may borrow a free slot and run
+/// a batch on its own thread: `try_borrow_slot`, then `return_slot` when the processor returned, then
+/// `end_borrow` as its last touch of the batcher; shutdown waits for that (`await_borrows`).
+///
 /// Threads: `push` from whichever thread formed the batch (a submitter that filled it, a flusher, the
 /// collector); `pop` from worker threads; `remove_if`, `take_all`, `finish` and `hold` from the
-/// collector and shutdown; `set_slots` from a reconfiguring thread. All members are thread-safe. Lock
-/// order: the forming batch's mutex before this one (a forming pass pushes while holding it).
+/// collector and shutdown; `set_slots` from a reconfiguring thread; the borrowing members from callers.
+/// All members are thread-safe. Lock order: the forming batch's mutex before this one (a forming pass
+/// pushes while holding it).
 template <class Node> class ready_queue {
 public:
   explicit ready_queue(std::size_t slots = 1) : slots_(slots) {}
@@ -102,10 +107,47 @@ public:
         }
       }
       ++sleeping_;
+      if (!idle_counted) ++sleeping_uncounted_;
       changed_.wait(lock);
       --sleeping_;
+      if (!idle_counted) --sleeping_uncounted_;
       if (idle_counted) idle_.fetch_sub(1, std::memory_order_seq_cst);
     }
+  }
+
+  /// A caller takes a free slot to run a batch itself, unless a queued batch waits for that slot (or
+  /// workers are held, or finished). True: the slot is the caller's until `return_slot`.
+  bool try_borrow_slot() {
+    std::lock_guard lock(mutex_);
+    if (held_ || finished_ || !batches_.empty() || running_ >= slots_) return false;
+    ++running_;
+    ++borrowed_;
+    return true;
+  }
+
+  /// The borrowed slot is free again. A worker that went to sleep while it was taken (a queued batch
+  /// came, or the worker could not count itself idle) is woken to look again, as a worker coming back
+  /// from a batch would look itself.
+  void return_slot() {
+    bool wake = false;
+    {
+      std::lock_guard lock(mutex_);
+      --running_;
+      wake = sleeping_ != 0 && (!batches_.empty() || sleeping_uncounted_ != 0);
+    }
+    if (wake) changed_.notify_one();
+  }
+
+  /// The borrowing caller's last touch of the batcher (after `return_slot`).
+  void end_borrow() {
+    std::lock_guard lock(mutex_); // notified under the lock: shutdown may destroy us once it is released
+    if (--borrowed_ == 0) borrows_ended_.notify_all();
+  }
+
+  /// Waits until no caller holds or still uses a borrowed slot (shutdown).
+  void await_borrows() {
+    std::unique_lock lock(mutex_);
+    borrows_ended_.wait(lock, [&] { return borrowed_ == 0; });
   }
 
   /// `pop` without dispatch when idle: true with a batch, false once finished.
@@ -162,8 +204,11 @@ private:
   std::size_t queued_ = 0;                       // guarded by mutex_; batches in batches_
   alignas(64) std::atomic<std::size_t> idle_{0}; // workers counted idle by pop (dispatch when idle)
   std::size_t sleeping_ = 0;                     // guarded by mutex_; workers inside changed_.wait
+  std::size_t sleeping_uncounted_ = 0;           // guarded by mutex_; of those, not counted in idle_
+  std::size_t borrowed_ = 0;                     // guarded by mutex_; callers between borrow and end_borrow
+  std::condition_variable borrows_ended_;        // borrowed_ fell to 0
   std::size_t slots_;                            // guarded by mutex_; Options::max_concurrent_batches
-  std::size_t running_ = 0;                      // guarded by mutex_; workers holding a batch (or forming one)
+  std::size_t running_ = 0;                      // guarded by mutex_; slots held by workers and borrowers
   bool held_ = false;                            // guarded by mutex_
   bool finished_ = false;                        // guarded by mutex_
 };
