@@ -3,6 +3,9 @@
 
 #include "support.hpp"
 
+#include <algorithm>
+#include <latch>
+
 using namespace test;
 using microbatch::Options;
 
@@ -81,6 +84,129 @@ TEST_CASE("dispatch_when_idle: two slots take two jobs at once", "[policies]") {
   CHECK(a.get().value == 2);
   CHECK(b.get().value == 4);
   CHECK(batcher.stats().batches_idle == 2);
+}
+
+/// Records the thread of every processor call and of every `on_batch`. Thread-safe.
+struct thread_log {
+  std::mutex mutex;
+  std::vector<std::thread::id> processor, observer; // guarded by mutex
+  void record(std::vector<std::thread::id>& where) {
+    std::lock_guard lock(mutex);
+    where.push_back(std::this_thread::get_id());
+  }
+  std::size_t count(const std::vector<std::thread::id>& where, std::thread::id thread) {
+    std::lock_guard lock(mutex);
+    return std::size_t(std::count(where.begin(), where.end(), thread));
+  }
+};
+
+// Whether a call finds the slot free can race with the worker (starting up, or coming back from the
+// previous batch, it may take the next job first): so the tests below call until one batch ran on the
+// calling thread, and bound the attempts.
+constexpr std::uint64_t attempts = 1000;
+
+TEST_CASE("dispatch_when_idle: a blocking execute_job that finds the slot free runs the batch on its own thread",
+          "[policies]") {
+  microbatch::manual_clock clock; // never advanced: the 1 h delay cannot be what dispatches
+  thread_log threads;
+  auto process = [&](std::span<Job> jobs) {
+    threads.record(threads.processor);
+    return doubled(jobs);
+  };
+  Options options{.max_batch_size = 100, .max_batch_delay = 1h, .clock = &clock, .dispatch_when_idle = true};
+  options.on_batch = [&](const microbatch::BatchInfo&) { threads.record(threads.observer); };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, options);
+  const auto caller = std::this_thread::get_id();
+  std::uint64_t calls = 0;
+  while (calls < attempts && threads.count(threads.processor, caller) == 0) {
+    ++calls;
+    CHECK(batcher.execute_job({calls, int(calls)}).value == 2 * int(calls));
+  }
+  REQUIRE(threads.count(threads.processor, caller) == 1);
+  CHECK(threads.count(threads.observer, caller) == 1); // on_batch on the thread that ran the batch, before it returned
+  CHECK(batcher.stats().batches_idle == calls);
+}
+
+TEST_CASE("dispatch_when_idle: jobs that arrive while a caller runs a batch go to the worker once it is done",
+          "[policies]") {
+  gate held;
+  thread_log threads;
+  std::thread::id caller_id;
+  std::atomic<bool> gated{false};
+  auto process = [&](std::span<Job> jobs) {
+    threads.record(threads.processor);
+    if (std::this_thread::get_id() == caller_id && !gated.exchange(true)) held.enter(); // the first caller-run batch
+    return doubled(jobs);
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id,
+                              Options{.max_batch_size = 100, .max_batch_delay = 1h, .dispatch_when_idle = true});
+  std::latch started(1);
+  std::uint64_t calls = 0;
+  std::thread caller([&] {
+    caller_id = std::this_thread::get_id();
+    started.count_down();
+    while (calls < attempts && !gated.load()) {
+      ++calls;
+      CHECK(batcher.execute_job({calls, int(calls)}).value == 2 * int(calls));
+    }
+  });
+  started.wait();
+  held.await_entered(); // a batch holds the only slot, on the caller's thread
+  auto later = batcher.submit({attempts + 1, 1});
+  auto last = batcher.submit({attempts + 2, 2});
+  CHECK(later.wait_for(0s) == std::future_status::timeout); // the slot is taken: they wait
+  held.open();
+  CHECK(later.get().value == 2); // well before the 1 h delay: the caller handed them to the worker
+  CHECK(last.get().value == 4);
+  caller.join();
+  REQUIRE(gated.load());
+  std::lock_guard lock(threads.mutex);
+  REQUIRE(threads.processor.size() == calls + 1); // {attempts + 1, attempts + 2} went as one batch
+  CHECK(threads.processor.back() != caller_id);
+}
+
+TEST_CASE("dispatch_when_idle: shutdown waits for a batch that a caller runs on its own thread", "[policies][shutdown]") {
+  gate held;
+  std::thread::id caller_id;
+  std::atomic<bool> gated{false};
+  std::atomic<bool> processor_returned{false};
+  auto process = [&](std::span<Job> jobs) {
+    const bool first_on_caller = std::this_thread::get_id() == caller_id && !gated.exchange(true);
+    if (first_on_caller) held.enter();
+    auto results = doubled(jobs);
+    if (first_on_caller) processor_returned.store(true);
+    return results;
+  };
+  microbatch::Batcher batcher(process, &Job::id, &Result::id,
+                              Options{.max_batch_size = 100, .max_batch_delay = 1h, .dispatch_when_idle = true});
+  std::latch started(1);
+  std::thread caller([&] {
+    caller_id = std::this_thread::get_id();
+    started.count_down();
+    for (std::uint64_t calls = 1; calls <= attempts && !gated.load(); ++calls)
+      CHECK(batcher.execute_job({calls, int(calls)}).value == 2 * int(calls));
+  });
+  started.wait();
+  held.await_entered();
+  std::thread stopper([&] {
+    batcher.shutdown();
+    CHECK(processor_returned.load()); // shutdown returned only after the caller's batch ended
+    CHECK(batcher.stats().pending_jobs == 0);
+  });
+  // Until shutdown began, a probe with a past deadline is refused with deadline_exceeded (and accepted
+  // nowhere); from then on with batcher_closed.
+  for (;;) {
+    try {
+      (void)batcher.submit({0, 0}, std::chrono::steady_clock::time_point{});
+    } catch (const microbatch::batcher_closed&) {
+      break;
+    } catch (const microbatch::deadline_exceeded&) {
+      std::this_thread::yield();
+    }
+  }
+  held.open();
+  stopper.join();
+  caller.join();
 }
 
 TEST_CASE("on_batch: once per processed batch, after its jobs ended, with exact times on a manual clock",
