@@ -166,7 +166,8 @@ TEST_CASE("dispatch_when_idle: jobs that arrive while a caller runs a batch go t
   CHECK(threads.processor.back() != caller_id);
 }
 
-TEST_CASE("dispatch_when_idle: shutdown waits for a batch that a caller runs on its own thread", "[policies][shutdown]") {
+TEST_CASE("dispatch_when_idle: shutdown waits for a batch that a caller runs on its own thread",
+          "[policies][shutdown]") {
   gate held;
   std::thread::id caller_id;
   std::atomic<bool> gated{false};

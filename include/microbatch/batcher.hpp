@@ -107,7 +107,9 @@ template <class Job> Job&& take_job(job_argument<Job>& job) noexcept {
 ///   the processor, each with one batch at a time; a worker that finishes a batch takes the next one
 ///   without sleeping. With the default of 1 the processor is never called concurrently. A slow
 ///   processor never delays the forming and timing of the next batches; formed batches wait in a queue
-///   for a free worker (where deadlines are still enforced).
+///   for a free worker (where deadlines are still enforced). With `dispatch_when_idle`, a blocking
+///   `execute_job` that finds a slot free runs the batch on its own thread instead of a worker (it holds
+///   that slot meanwhile).
 /// - The processor is called as `processor(std::span<Job>)` and returns `std::vector<Result>`. It may
 ///   read, modify or move from the jobs; they are destroyed after it returns.
 /// - Correlation: with ID extractors, a result answers the job of its batch with the same ID; without,
@@ -352,7 +354,7 @@ public:
     if (joined_) return;
     collector_.join();
     join_workers();
-    ready_.await_borrows(); // callers still running a batch (run_for_caller)
+    ready_.await_borrows();      // callers still running a batch (run_for_caller)
     std::uint64_t published = 0; // every job the inbox ever took: the closed inbox holds no more
     {
       std::lock_guard forming_lock(forming_.mutex());
@@ -678,7 +680,7 @@ private:
       }
     } slot{*this};
     std::unique_ptr<runner_type> runner = take_spare_runner();
-    if (!runner) { // out of memory for a runner: a worker runs the batch instead
+    if (!runner) {                            // out of memory for a runner: a worker runs the batch instead
       std::lock_guard lock(forming_.mutex()); // as every dispatch: the draining collector judges under it
       ready_.push(jobs);
       return true;

@@ -93,7 +93,10 @@ struct Options {
   /// is free: whenever a worker is idle and jobs are waiting, they are dispatched at once as one batch
   /// (up to `max_batch_size`). While every slot is busy, jobs accumulate, and the next slot to come free
   /// takes them all at once (group commit). Size, delay, flush and shutdown still apply. So a lightly
-  /// loaded batcher adds no latency, and batches grow only under load. Default false.
+  /// loaded batcher adds no latency, and batches grow only under load. A blocking `execute_job` that
+  /// finds a slot free runs that batch on its own thread (it would only wait otherwise): no hand-off to
+  /// a worker and back, so the processor, callbacks of the batch's other jobs and `on_batch` may then
+  /// run on that caller's thread; slots still bound how many batches run at once. Default false.
   bool dispatch_when_idle = false;
 
   /// Bound on a batch's total weight, for a Processor with a member `std::size_t weight(const Job&)
@@ -112,8 +115,8 @@ struct Options {
   DuplicateIds duplicate_ids = DuplicateIds::reject;
 
   /// Called exactly once per batch that reached the processor, after every job of that batch has
-  /// ended, on the worker thread that ran it, with why it formed and how long it waited and ran
-  /// (measured with the batcher's clock). An exception escaping it is caught and counted in
+  /// ended, on the thread that ran it (a worker, or a caller: see `dispatch_when_idle`), with why it formed and how
+  /// long it waited and ran (measured with the batcher's clock). An exception escaping it is caught and counted in
   /// `Stats::observer_errors`. Empty (default): nothing is called.
   std::function<void(const BatchInfo&)> on_batch{};
 };

@@ -18,9 +18,9 @@ namespace microbatch::detail {
 /// `push` wakes a worker only if one is asleep (a signal to a thread that is not asleep costs nothing,
 /// not even a system call).
 ///
-/// Processor slots: at most `slots` workers hold a batch at once (`Options::max_concurrent_batches`,
-/// which `set_slots` changes while running: a worker beyond the new number finishes its batch, and
-/// then only as many as there are slots take the next ones). A worker tells `pop` when it comes back
+/// Processor slots: at most `slots` workers (and borrowing callers) hold a batch at once
+/// (`Options::max_concurrent_batches`, which `set_slots` changes while running: a worker beyond the new number finishes
+/// its batch, and then only as many as there are slots take the next ones). A worker tells `pop` when it comes back
 /// from a batch (`returning`), so counting costs no extra lock.
 ///
 /// A caller that would otherwise block for its job (dispatch when idle) may borrow a free slot and run
