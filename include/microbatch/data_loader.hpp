@@ -13,6 +13,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <stdexcept>
 #include <thread>
@@ -107,6 +108,8 @@ public:
         batcher_(std::move(processor), key_of_job{}, std::move(result_key), options.batching) {
     for (auto& oldest : oldest_use_)
       oldest.store(no_entry, std::memory_order_relaxed); // every shard starts empty
+    for (std::size_t index = 0; index < shard_count; ++index)
+      shards_[index].mutex.share_reads(!bounded());
   }
 
   /// `shutdown()`: waits until every fetch has ended and every callback has run.
@@ -119,16 +122,24 @@ public:
   /// (a hit); otherwise a new entry is cached and `key` is submitted to the batcher (a miss), evicting
   /// the least recently used entry first if `max_cached` is reached. After `shutdown`, an uncached key
   /// gets a ready future holding `batcher_closed` and nothing is cached. Never waits for the fetch;
-  /// a hit takes one shard's mutex and copies the future. Thread-safe.
+  /// a hit locks one shard (shared, when unbounded: hits of one shard do not wait for each other) and
+  /// copies the future. Thread-safe.
   [[nodiscard]] std::shared_future<Result> load(const Key& key) {
     const std::size_t index = shard_of(key);
     shard& home = shards_[index];
+    if (!bounded()) { // a hit changes nothing but a counter: readers share the shard
+      std::shared_lock reading(home.mutex);
+      if (auto found = home.entries.find(key); found != home.entries.end() && !expired(found->second)) {
+        home.hits.fetch_add(1, std::memory_order_relaxed);
+        return found->second.future;
+      }
+    }
     std::unique_lock lock(home.mutex);
     for (;;) {
       if (auto found = home.entries.find(key); found != home.entries.end()) {
         entry& cached = found->second;
         if (!expired(cached)) {
-          bump(home.hits);
+          home.hits.fetch_add(1, std::memory_order_relaxed); // (unbounded hits may run beside this)
           if (bounded()) touch(index, cached);
           return cached.future;
         }
@@ -293,13 +304,31 @@ private:
     const Key* key = nullptr; // the map's own key, to erase the entry when evicted
   };
 
+  /// A shard's lock. Unbounded, hits share it (a `std::shared_mutex`); bounded, every use changes the
+  /// recency list, so nothing is shared, and a plain `std::mutex` is cheaper (W7 with max_cached = 1000:
+  /// about 12% more loads/s than a `std::shared_mutex` taken exclusively). Chosen once, before use.
+  class shard_mutex {
+  public:
+    void share_reads(bool readers_share) noexcept { readers_share_ = readers_share; }
+    void lock() { readers_share_ ? shared_.lock() : plain_.lock(); }
+    void unlock() { readers_share_ ? shared_.unlock() : plain_.unlock(); }
+    void lock_shared() { shared_.lock_shared(); } // only when readers share
+    void unlock_shared() { shared_.unlock_shared(); }
+
+  private:
+    bool readers_share_ = true;
+    std::mutex plain_;
+    std::shared_mutex shared_;
+  };
+
   struct alignas(64) shard {
-    std::mutex mutex;
+    shard_mutex mutex;                      // shared only by unbounded hits, which change nothing but `hits`
     std::unordered_map<Key, entry> entries; // guarded by mutex
     entry* newest = nullptr;                // guarded by mutex; recency list (bounded only)
     entry* oldest = nullptr;                // guarded by mutex
     std::uint64_t generations = 0;          // guarded by mutex; last generation handed out
-    // Written only under mutex (a plain load and store), read by stats() without it.
+    // Written only under mutex held exclusively (a plain load and store), read by stats() without it;
+    // `hits` also under it shared (a fetch-add).
     std::atomic<std::uint64_t> hits{0};
     std::atomic<std::uint64_t> misses{0};
     std::atomic<std::uint64_t> evictions{0};
