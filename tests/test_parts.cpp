@@ -24,6 +24,7 @@ struct node {
   std::size_t weight = 1;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::time_point::min();
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  bool ends_by_signal = false;
   int id = 0;
 };
 using time_point = std::chrono::steady_clock::time_point;
@@ -147,6 +148,25 @@ TEST_CASE("batch forming: a batch is due max_batch_delay after its first arrival
   CHECK(forming.size() == 2);
 }
 
+TEST_CASE("batch forming: a caller's job is found among blocking callers' jobs only", "[parts]") {
+  microbatch::detail::batch_forming<node> forming(0, 0ms);
+  std::vector<node> nodes(3);
+  for (auto& n : nodes)
+    n.ends_by_signal = true;
+  std::lock_guard lock(forming.mutex());
+  CHECK_FALSE(forming.holds_only_signalled(&nodes[0])); // empty
+  forming.push(&nodes[0], [](node*) {});
+  forming.push(&nodes[1], [](node*) {});
+  forming.take_arrivals(t0, [](auto) { FAIL("no size limit"); });
+  CHECK(forming.holds_only_signalled(&nodes[0]));
+  CHECK(forming.holds_only_signalled(&nodes[1]));
+  CHECK_FALSE(forming.holds_only_signalled(&nodes[2])); // not in the batch
+  nodes[2].ends_by_signal = false;                      // a callback's or a coroutine's job
+  forming.push(&nodes[2], [](node*) {});
+  forming.take_arrivals(t0, [](auto) { FAIL("no size limit"); });
+  CHECK_FALSE(forming.holds_only_signalled(&nodes[0]));
+}
+
 TEST_CASE("collector clock: only a sooner time lowers the plan and wakes the sleeper", "[parts]") {
   microbatch::manual_clock source;
   microbatch::detail::collector_clock clock(&source);
@@ -238,6 +258,28 @@ TEST_CASE("ready queue: no more workers hold a batch than there are slots; set_s
   std::vector<std::vector<int>> got{returning.get(), other.get()};
   std::sort(got.begin(), got.end());
   CHECK(got == std::vector<std::vector<int>>{{}, {2}});
+}
+
+TEST_CASE("ready queue: a caller borrows a free slot; a worker that waited meanwhile takes the queued batch",
+          "[parts]") {
+  microbatch::detail::ready_queue<node> ready(1);
+  REQUIRE(ready.try_borrow_slot());
+  CHECK_FALSE(ready.try_borrow_slot()); // the only slot is borrowed
+  std::vector<node> nodes(1);
+  queue_one_batch_each(ready, nodes);
+  auto worker = std::async(std::launch::async, [&] {
+    microbatch::detail::job_list<node> mine;
+    bool now_empty = false;
+    return ready.pop(mine, now_empty) ? ids(mine) : std::vector<int>{};
+  });
+  CHECK(worker.wait_for(0s) == std::future_status::timeout); // queued, but no slot is free
+  auto shutdown = std::async(std::launch::async, [&] { ready.await_borrows(); });
+  ready.return_slot();
+  CHECK(worker.get() == std::vector<int>{0}); // return_slot woke it (or it came after): it has the slot
+  CHECK_FALSE(ready.try_borrow_slot());
+  CHECK(shutdown.wait_for(0s) == std::future_status::timeout); // the borrower has not let go yet
+  ready.end_borrow();
+  shutdown.get();
 }
 
 TEST_CASE("histogram: p50 and p99 within 5%, max exact, zero when empty", "[parts]") {

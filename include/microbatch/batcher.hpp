@@ -14,6 +14,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <span>
 #include <stdexcept>
@@ -614,7 +615,7 @@ private:
     if (dispatch_when_idle_.load(std::memory_order_seq_cst)) {
       if (caller_waits) {
         formed = true;
-        if (!run_for_caller() && ready_.idle() != 0) dispatch_for_idle_worker();
+        if (!run_for_caller(job) && ready_.idle() != 0) dispatch_for_idle_worker();
       } else if (ready_.idle() != 0) {
         dispatch_for_idle_worker();
         formed = true;
@@ -648,13 +649,15 @@ private:
     wake_clock_for_forming();
   }
 
-  /// Dispatch when idle, on a caller about to block for its job (`execute_job`): if a processor slot is
-  /// free and no queued batch waits for one, the caller borrows the slot, takes the forming batch (its
-  /// own job, and any others waiting) and runs it on its own thread, as a worker would (no hand-off to a
-  /// worker and back: on two cores those cost more than a fast processor). Then, as a worker coming
-  /// back from a batch would, it hands jobs that arrived meanwhile to an idle worker. Always runs a
-  /// forming pass; true if it ran a batch.
-  bool run_for_caller() {
+  /// Dispatch when idle, on a caller about to block for its job `mine` (`execute_job`): if a processor
+  /// slot is free and no queued batch waits for one, and the forming batch holds `mine` and only other
+  /// blocking callers' jobs (so ending them runs no one else's callback or coroutine on this thread),
+  /// the caller borrows the slot, takes that batch and runs it on its own thread, as a worker would (no
+  /// hand-off to a worker and back: on two cores those cost more than a fast processor). Then, as a
+  /// worker coming back from a batch would, it hands jobs that arrived meanwhile to an idle worker.
+  /// Never on the collector (it would stall the clock). Always runs a forming pass; true if it ran a
+  /// batch.
+  bool run_for_caller(const node_type* mine) {
     batch jobs;
     {
       std::lock_guard lock(forming_.mutex());
@@ -662,10 +665,15 @@ private:
       forming_.take_arrivals(now(), full);
       // Not once shutdown began: the collector ends what is left (Shutdown::cancel fails it).
       if (dispatch_when_idle_.load(std::memory_order_relaxed) && !admission_.closed() && !forming_.empty() &&
-          ready_.try_borrow_slot()) {
-        count_dispatch(Trigger::idle);
-        jobs = forming_.cut(Trigger::idle);
-        forming_.take_arrivals(now(), full);
+          collector_of_thread() != this && ready_.try_borrow_slot()) {
+        if (forming_.holds_only_signalled(mine)) { // walked only with the slot in hand: rare under load
+          count_dispatch(Trigger::idle);
+          jobs = forming_.cut(Trigger::idle);
+          forming_.take_arrivals(now(), full);
+        } else {
+          ready_.return_slot();
+          ready_.end_borrow();
+        }
       }
       wake_clock_for_forming();
     }
@@ -680,9 +688,9 @@ private:
       }
     } slot{*this};
     std::unique_ptr<runner_type> runner = take_spare_runner();
-    if (!runner) {                            // out of memory for a runner: a worker runs the batch instead
-      std::lock_guard lock(forming_.mutex()); // as every dispatch: the draining collector judges under it
-      ready_.push(jobs);
+    if (!runner) { // out of memory for a runner: the batch fails (pushing it now could outlive shutdown)
+      const std::exception_ptr error = std::make_exception_ptr(std::bad_alloc());
+      jobs.for_each([&](node_type* job) { end_job(job, error, failure::other); });
       return true;
     }
     {

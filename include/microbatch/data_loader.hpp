@@ -307,6 +307,8 @@ private:
   /// A shard's lock. Unbounded, hits share it (a `std::shared_mutex`); bounded, every use changes the
   /// recency list, so nothing is shared, and a plain `std::mutex` is cheaper (W7 with max_cached = 1000:
   /// about 12% more loads/s than a `std::shared_mutex` taken exclusively). Chosen once, before use.
+  /// (With glibc, readers win: a steady stream of hits on one shard can hold off that shard's inserts
+  /// and fetch completions for as long as it lasts.)
   class shard_mutex {
   public:
     void share_reads(bool readers_share) noexcept { readers_share_ = readers_share; }

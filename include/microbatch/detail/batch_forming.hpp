@@ -134,6 +134,17 @@ public:
   [[nodiscard]] std::size_t size() const noexcept { return forming_.size; }
   [[nodiscard]] bool empty() const noexcept { return forming_.empty(); }
 
+  /// (mutex held) True if the forming batch holds `job` and only jobs whose end runs no user code
+  /// (`ends_by_signal`: blocking callers). Walks the batch.
+  [[nodiscard]] bool holds_only_signalled(const Node* job) const noexcept {
+    bool found = false;
+    for (const Node* each = forming_.first; each != nullptr; each = each->next) {
+      if (!each->ends_by_signal) return false;
+      found = found || each == job;
+    }
+    return found;
+  }
+
   /// (mutex held) When the forming batch is due by `max_batch_delay`, or `time_point::max()` (empty,
   /// or no delay).
   [[nodiscard]] time_point due() const noexcept {

@@ -22,7 +22,8 @@ namespace microbatch::detail {
 /// wake on memory that was reused is a harmless spurious wake-up, which futex waiters tolerate).
 /// Elsewhere the signaller finishes with a second store that the waiter spins for.
 ///
-/// One thread calls `wait`, one other thread calls `signal`, once.
+/// One thread calls `wait`, and one thread calls `signal`, once (it may be the waiter itself, before it
+/// waits: a caller that ran its own batch).
 class completion_flag {
 public:
   /// Marks done and wakes the waiter. After it returns the flag may be gone. Never blocks.

@@ -132,6 +132,7 @@ private:
 public:
   // Next to the flags above: in their padding, so the node does not grow.
   bool admission_counted = false;        // took a max_pending_jobs place (detail::admission::reserve)
+  bool ends_by_signal = false;           // a blocking execute_job's node: ending it runs no user code
   Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
 };
 
@@ -270,7 +271,7 @@ template <class Job, class Result> struct promise_node<Job, Result>::block {
 /// `execute_job(job)`: lives on the caller's stack; the caller waits on `done` and owns it throughout.
 template <class Job, class Result> class waiting_node final : public job_node<Job, Result> {
 public:
-  using job_node<Job, Result>::job_node;
+  explicit waiting_node(Job&& submitted) : job_node<Job, Result>(std::move(submitted)) { this->ends_by_signal = true; }
   std::optional<Result> value;
   std::exception_ptr error;
   completion_flag done;

@@ -129,13 +129,19 @@ public:
   /// came, or the worker could not count itself idle) is woken to look again, as a worker coming back
   /// from a batch would look itself.
   void return_slot() {
-    bool wake = false;
+    bool wake = false, wake_all = false;
     {
       std::lock_guard lock(mutex_);
       --running_;
-      wake = sleeping_ != 0 && (!batches_.empty() || sleeping_uncounted_ != 0);
+      // Every uncounted sleeper: notify_one might pick a counted one again and again.
+      wake_all = sleeping_uncounted_ != 0;
+      wake = sleeping_ != 0 && !batches_.empty();
     }
-    if (wake) changed_.notify_one();
+    if (wake_all) {
+      changed_.notify_all();
+    } else if (wake) {
+      changed_.notify_one();
+    }
   }
 
   /// The borrowing caller's last touch of the batcher (after `return_slot`).
