@@ -110,7 +110,7 @@ template <class Job> Job&& take_job(job_argument<Job>& job) noexcept {
 ///   processor never delays the forming and timing of the next batches; formed batches wait in a queue
 ///   for a free worker (where deadlines are still enforced). With `dispatch_when_idle`, a blocking
 ///   `execute_job` that finds a slot free runs the batch on its own thread instead of a worker (it holds
-///   that slot meanwhile).
+///   that slot meanwhile), when the batch holds only blocking callers' jobs.
 /// - The processor is called as `processor(std::span<Job>)` and returns `std::vector<Result>`. It may
 ///   read, modify or move from the jobs; they are destroyed after it returns.
 /// - Correlation: with ID extractors, a result answers the job of its batch with the same ID; without,
@@ -211,8 +211,9 @@ public:
 
   /// Submits `job` and waits for its end: returns its result or throws its error (or what `submit`
   /// throws). The job's node lives in this call's frame: no allocation by the batcher. With
-  /// `dispatch_when_idle`, a call that finds a processor slot free runs the batch (its job and any
-  /// others waiting) on its own thread, as a worker would: no hand-off to a worker and back. Thread-safe.
+  /// `dispatch_when_idle`, a call that finds a processor slot free runs the batch (its job, and any
+  /// other blocking callers' jobs waiting) on its own thread, as a worker would: no hand-off to a worker
+  /// and back. Thread-safe.
   Result execute_job(Job job) { return execute_job(std::move(job), time_point::max()); }
 
   /// As `execute_job(job)`, and the job fails with `deadline_exceeded` if `deadline` passes before it

@@ -94,9 +94,10 @@ struct Options {
   /// (up to `max_batch_size`). While every slot is busy, jobs accumulate, and the next slot to come free
   /// takes them all at once (group commit). Size, delay, flush and shutdown still apply. So a lightly
   /// loaded batcher adds no latency, and batches grow only under load. A blocking `execute_job` that
-  /// finds a slot free runs that batch on its own thread (it would only wait otherwise): no hand-off to
-  /// a worker and back, so the processor, callbacks of the batch's other jobs and `on_batch` may then
-  /// run on that caller's thread; slots still bound how many batches run at once. Default false.
+  /// finds a slot free runs that batch on its own thread (it would only wait otherwise) when the batch
+  /// holds only blocking callers' jobs: no hand-off to a worker and back, so the processor and
+  /// `on_batch` may then run on that caller's thread; slots still bound how many batches run at once.
+  /// Default false.
   bool dispatch_when_idle = false;
 
   /// Bound on a batch's total weight, for a Processor with a member `std::size_t weight(const Job&)
