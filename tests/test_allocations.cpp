@@ -61,6 +61,16 @@ TEST_CASE("execute_job allocates nothing per job in steady state", "[allocations
       REQUIRE(batcher.execute_job({id, 1}).value == 2);
     CHECK(allocations.load() - before == 0);
   }
+  SECTION("one caller with dispatch_when_idle: it runs its own batches (a runner reused, not made per batch)") {
+    microbatch::Batcher batcher(&doubled_uncounted, &Job::id, &Result::id,
+                                Options{.max_batch_size = 64, .max_batch_delay = 1h, .dispatch_when_idle = true});
+    for (std::uint64_t id = 0; id < 200; ++id)
+      REQUIRE(batcher.execute_job({id, 1}).value == 2); // warm up
+    const std::uint64_t before = allocations.load();
+    for (std::uint64_t id = 200; id < 1200; ++id)
+      REQUIRE(batcher.execute_job({id, 1}).value == 2);
+    CHECK(allocations.load() - before == 0);
+  }
   SECTION("eight callers, full batches of eight") {
     // Each caller has one job pending at a time and a batch needs eight, so the callers move in
     // lockstep and every phase ends with no job left over.
