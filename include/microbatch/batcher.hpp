@@ -613,14 +613,10 @@ private:
       form_full_batches();
       formed = true;
     }
-    if (dispatch_when_idle_.load(std::memory_order_seq_cst)) {
-      if (caller_waits) {
-        formed = true;
-        if (!run_for_caller(job) && ready_.idle() != 0) dispatch_for_idle_worker();
-      } else if (ready_.idle() != 0) {
-        dispatch_for_idle_worker();
-        formed = true;
-      }
+    // Only with a worker idle (one atomic load): under load no lock is taken here.
+    if (dispatch_when_idle_.load(std::memory_order_seq_cst) && ready_.idle() != 0) {
+      if (!(caller_waits && run_for_caller(job))) dispatch_for_idle_worker();
+      formed = true;
     }
     if (formed) return;
     if (arrival != time_point::max()) {
