@@ -1,4 +1,5 @@
-// The batcher's parts on their own: admission, batch forming, the collector's clock, the ready queue.
+// The batcher's parts on their own: admission, batch forming, the collector's clock, the ready queue,
+// the histogram, the callback slot pool.
 #include <catch2/catch.hpp>
 
 #include <microbatch/detail/admission.hpp>
@@ -6,9 +7,11 @@
 #include <microbatch/detail/collector_clock.hpp>
 #include <microbatch/detail/histogram.hpp>
 #include <microbatch/detail/ready_queue.hpp>
+#include <microbatch/detail/slot_pool.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 
 #include "support.hpp"
 
@@ -299,4 +302,41 @@ TEST_CASE("histogram: p50 and p99 within 5%, max exact, zero when empty", "[part
   microbatch::detail::histogram small;
   small.record(7ns);
   CHECK(small.percentiles().p50 == 7ns); // below 32 ns every value has its own bucket
+}
+
+TEST_CASE("slot pool: gathered slots come back together, none lost or handed out twice", "[parts]") {
+  microbatch::detail::slot_pool<48, 8> pool;
+  using pool_type = decltype(pool);
+  std::set<void*> held;
+  std::vector<pool_type::lease> leases;
+  for (int i = 0; i < 5; ++i) {
+    leases.push_back(pool.acquire());
+    REQUIRE(leases.back().pooled);
+    held.insert(leases.back().memory);
+  }
+  REQUIRE(held.size() == 5);
+
+  pool_type::gathered gathered;
+  CHECK(gathered.empty());
+  pool.release_gathered(gathered); // nothing to give back
+  for (int i : {0, 2, 3})
+    pool.gather(leases[std::size_t(i)], gathered);
+  CHECK_FALSE(gathered.empty());
+  pool.release_gathered(gathered);
+  CHECK(gathered.empty());
+
+  // The three come back (the pool's free stack holds them on top), each once.
+  std::set<void*> again;
+  for (int i = 0; i < 3; ++i)
+    again.insert(pool.acquire().memory);
+  CHECK(again == std::set<void*>{leases[0].memory, leases[2].memory, leases[3].memory});
+  // A chain of one, then the rest of the free stack: still no slot handed out twice.
+  pool_type::gathered one;
+  pool.gather({leases[1].memory, true}, one);
+  pool.release_gathered(one);
+  CHECK(pool.acquire().memory == leases[1].memory);
+  const void* fresh = pool.acquire().memory;
+  CHECK(again.count(const_cast<void*>(fresh)) == 0);
+  CHECK(fresh != leases[1].memory);
+  CHECK(fresh != leases[4].memory);
 }

@@ -695,6 +695,7 @@ private:
         const void* previous;
         ~batcher_thread() { current_batcher() = previous; }
       } mark{std::exchange(current_batcher(), this)};
+      batch_gathering slots{*this};
       runner->run(jobs);
     }
     give_back_runner(std::move(runner));
@@ -1000,6 +1001,7 @@ private:
       } else if (queue_emptied && admission_.closed()) {
         clock_.wake(); // a draining collector waits for this
       }
+      batch_gathering slots{*this};
       runner.run(jobs);
     }
   }
@@ -1052,10 +1054,48 @@ private:
   struct callback_home final : callback_node_type::home {
     Batcher* owner = nullptr;
     void callback_threw() noexcept override { owner->callback_errors_.fetch_add(1, std::memory_order_relaxed); }
-    void recycle(void* memory, bool pooled) noexcept override { owner->callback_slots_.release({memory, pooled}); }
+    void recycle(void* memory, bool pooled) noexcept override {
+      gathering_slots* current = gathering();
+      if (current != nullptr && current->owner == owner) {
+        owner->callback_slots_.gather({memory, pooled}, current->slots);
+      } else {
+        owner->callback_slots_.release({memory, pooled});
+      }
+    }
   };
-  detail::slot_pool<sizeof(callback_node_type), alignof(callback_node_type)> callback_slots_;
+  using callback_pool = detail::slot_pool<sizeof(callback_node_type), alignof(callback_node_type)>;
+  callback_pool callback_slots_;
   callback_home callback_home_;
+
+  // A thread that runs a batch gathers the slots of the callback nodes it ends and gives them back
+  // together when the batch is over: one compare-exchange on the pool per batch instead of one per job,
+  // which submitters on another core would otherwise fight over (W2cb). Other threads that end a
+  // callback node (the collector, a canceller) give its slot back at once.
+  struct gathering_slots {
+    const Batcher* owner;
+    typename callback_pool::gathered slots;
+  };
+  static gathering_slots*& gathering() noexcept {
+    thread_local gathering_slots* current = nullptr; // this thread's, while it runs a batch
+    return current;
+  }
+  /// Scope of one batch on its runner's thread; nests (a callback may run another batcher's batch).
+  class batch_gathering {
+  public:
+    explicit batch_gathering(Batcher& owner) noexcept
+        : owner_(owner), mine_{&owner, {}}, previous_(std::exchange(gathering(), &mine_)) {}
+    batch_gathering(const batch_gathering&) = delete;
+    batch_gathering& operator=(const batch_gathering&) = delete;
+    ~batch_gathering() {
+      gathering() = previous_;
+      owner_.callback_slots_.release_gathered(mine_.slots);
+    }
+
+  private:
+    Batcher& owner_;
+    gathering_slots mine_;
+    gathering_slots* previous_;
+  };
 
   std::mutex shutdown_mutex_;
   bool joined_ = false; // guarded by shutdown_mutex_

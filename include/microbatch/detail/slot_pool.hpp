@@ -53,17 +53,53 @@ public:
       ::operator delete (given.memory, std::align_val_t{Align});
       return;
     }
-    // The bytes are the slot's first member: the slot starts where they do.
-    push(reinterpret_cast<slot*>(given.memory));
+    slot* returned = slot_of(given.memory);
+    push(returned, returned);
+  }
+
+  /// Slots that one thread gathers (`gather`) and then gives back together (`release_gathered`), with
+  /// one compare-exchange: a thread that ends a batch of nodes would otherwise contend with the
+  /// submitters for the head once per node. Owned by that thread; empty when released.
+  class gathered {
+  public:
+    [[nodiscard]] bool empty() const noexcept { return first_ == nullptr; }
+
+  private:
+    friend slot_pool;
+    slot* first_ = nullptr;
+    slot* last_ = nullptr;
+  };
+
+  /// Adds `given` to `slots` (or frees it now if it was not pooled). No atomic read-modify-write.
+  void gather(lease given, gathered& slots) noexcept {
+    if (!given.pooled) {
+      release(given);
+      return;
+    }
+    slot* returned = slot_of(given.memory);
+    returned->next_free.store(slots.first_ == nullptr ? 0 : slots.first_->index + 1, std::memory_order_relaxed);
+    slots.first_ = returned;
+    if (slots.last_ == nullptr) slots.last_ = returned;
+  }
+
+  /// Gives every gathered slot back; `slots` is empty afterwards.
+  void release_gathered(gathered& slots) noexcept {
+    if (slots.empty()) return;
+    push(slots.first_, slots.last_);
+    slots = gathered{};
   }
 
 private:
-  void push(slot* returned) noexcept {
+  // The bytes are the slot's first member: the slot starts where they do.
+  static slot* slot_of(void* memory) noexcept { return reinterpret_cast<slot*>(memory); }
+
+  /// Pushes the chain first..last (linked through next_free, last's link is overwritten).
+  void push(slot* first, slot* last) noexcept {
     std::uint64_t head = head_.load(std::memory_order_relaxed);
     std::uint64_t next;
     do {
-      returned->next_free.store(static_cast<std::uint32_t>(head), std::memory_order_relaxed);
-      next = retagged(head, returned->index + 1);
+      last->next_free.store(static_cast<std::uint32_t>(head), std::memory_order_relaxed);
+      next = retagged(head, first->index + 1);
     } while (!head_.compare_exchange_weak(head, next, std::memory_order_release, std::memory_order_relaxed));
   }
 
@@ -95,7 +131,7 @@ private:
     slabs_[count].store(slab, std::memory_order_release);
     slab_count_.store(count + 1, std::memory_order_release);
     for (std::size_t i = 1; i < slab_slots; ++i)
-      push(&slab[i]);
+      push(&slab[i], &slab[i]);
     return {slab[0].bytes, true};
   }
 
