@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <set>
+#include <vector>
 
 #include "support.hpp"
 
@@ -305,38 +307,55 @@ TEST_CASE("histogram: p50 and p99 within 5%, max exact, zero when empty", "[part
 }
 
 TEST_CASE("slot pool: gathered slots come back together, none lost or handed out twice", "[parts]") {
-  microbatch::detail::slot_pool<48, 8> pool;
-  using pool_type = decltype(pool);
-  std::set<void*> held;
-  std::vector<pool_type::lease> leases;
+  using pool_type = microbatch::detail::slot_pool<48, 8>;
+  pool_type pool;
+  std::vector<void*> held;
   for (int i = 0; i < 5; ++i) {
-    leases.push_back(pool.acquire());
-    REQUIRE(leases.back().pooled);
-    held.insert(leases.back().memory);
+    const pool_type::lease lease = pool.acquire();
+    REQUIRE(lease.pooled);
+    held.push_back(lease.memory);
   }
-  REQUIRE(held.size() == 5);
+  REQUIRE(std::set<void*>(held.begin(), held.end()).size() == 5);
 
   pool_type::gathered gathered;
   CHECK(gathered.empty());
   pool.release_gathered(gathered); // nothing to give back
-  for (int i : {0, 2, 3})
-    pool.gather(leases[std::size_t(i)], gathered);
+  pool.gather({held[0], true}, gathered);
+  pool.gather({::operator new (48, std::align_val_t{8}), false}, gathered); // not pooled: freed at once
+  pool.gather({held[2], true}, gathered);
+  pool.gather({held[3], true}, gathered);
   CHECK_FALSE(gathered.empty());
   pool.release_gathered(gathered);
   CHECK(gathered.empty());
 
-  // The three come back (the pool's free stack holds them on top), each once.
+  // The three come back first (on top of the free stack), each once.
   std::set<void*> again;
   for (int i = 0; i < 3; ++i)
     again.insert(pool.acquire().memory);
-  CHECK(again == std::set<void*>{leases[0].memory, leases[2].memory, leases[3].memory});
-  // A chain of one, then the rest of the free stack: still no slot handed out twice.
+  CHECK(again == std::set<void*>{held[0], held[2], held[3]});
+  // A chain of one goes back on top too.
   pool_type::gathered one;
-  pool.gather({leases[1].memory, true}, one);
+  pool.gather({held[0], true}, one);
   pool.release_gathered(one);
-  CHECK(pool.acquire().memory == leases[1].memory);
-  const void* fresh = pool.acquire().memory;
-  CHECK(again.count(const_cast<void*>(fresh)) == 0);
-  CHECK(fresh != leases[1].memory);
-  CHECK(fresh != leases[4].memory);
+  CHECK(pool.acquire().memory == held[0]);
+
+  // The rest of the first slab is still linked behind the chains. Taking as many slots as a slab has
+  // (the five held ones included) must yield the first slab whole: distinct slots, one evenly spaced
+  // array. A slot lost on the way would make the pool grow, and a second slab's slot cannot sit on
+  // the first slab's grid.
+  std::vector<void*> all(held.begin(), held.end());
+  while (all.size() < pool_type::slots_per_slab)
+    all.push_back(pool.acquire().memory);
+  std::sort(all.begin(), all.end(), std::less<>());
+  REQUIRE(std::adjacent_find(all.begin(), all.end()) == all.end()); // none handed out twice
+  const auto address = [](const void* memory) { return reinterpret_cast<std::uintptr_t>(memory); };
+  const std::uintptr_t stride = address(all[1]) - address(all[0]);
+  std::size_t off_grid = 0;
+  for (std::size_t i = 1; i < all.size(); ++i)
+    off_grid += address(all[i]) - address(all[i - 1]) != stride ? 1 : 0;
+  CHECK(stride >= 48);
+  CHECK(off_grid == 0);
+  // The next slot comes from a new slab.
+  void* beyond = pool.acquire().memory;
+  CHECK_FALSE(std::binary_search(all.begin(), all.end(), beyond, std::less<>()));
 }

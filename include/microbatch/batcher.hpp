@@ -1069,8 +1069,9 @@ private:
 
   // A thread that runs a batch gathers the slots of the callback nodes it ends and gives them back
   // together when the batch is over: one compare-exchange on the pool per batch instead of one per job,
-  // which submitters on another core would otherwise fight over (W2cb). Other threads that end a
-  // callback node (the collector, a canceller) give its slot back at once.
+  // which submitters on another core would otherwise fight over (W2cb). Any other thread that ends a
+  // callback node (the collector: expired, or cancelled by shutdown; a submit that failed) gives its
+  // slot back at once.
   struct gathering_slots {
     const Batcher* owner;
     typename callback_pool::gathered slots;

@@ -30,6 +30,8 @@ public:
       delete[] slab.load(std::memory_order_relaxed);
   }
 
+  static constexpr std::size_t slots_per_slab = 256; // the pool grows by this many slots at a time
+
   /// Memory for one object of up to Size bytes; `pooled` says whether to give it back to the pool.
   struct lease {
     void* memory;
@@ -103,7 +105,7 @@ private:
     } while (!head_.compare_exchange_weak(head, next, std::memory_order_release, std::memory_order_relaxed));
   }
 
-  static constexpr std::size_t slab_slots = 256;
+  static constexpr std::size_t slab_slots = slots_per_slab;
   static constexpr std::size_t max_slabs = 4096;
 
   // Standard layout, `bytes` first: a slot starts where its bytes do. The bytes stay raw until used.
