@@ -45,8 +45,10 @@ public:
       if (index_plus_one == 0) return grow();
       slot& taken = at(index_plus_one - 1);
       const std::uint64_t next = retagged(head, taken.next_free.load(std::memory_order_relaxed));
-      if (head_.compare_exchange_weak(head, next, std::memory_order_acquire, std::memory_order_acquire))
+      if (head_.compare_exchange_weak(head, next, std::memory_order_acquire, std::memory_order_acquire)) {
+        prefetch_for_write(static_cast<std::uint32_t>(next));
         return {taken.bytes, true};
+      }
     }
   }
 
@@ -117,6 +119,20 @@ private:
 
   static std::uint64_t retagged(std::uint64_t head, std::uint32_t index_plus_one) noexcept {
     return (((head >> 32) + 1) << 32) | index_plus_one;
+  }
+
+  // The slot the next acquire will likely hand out was last written by the thread that gave it back,
+  // often on another core (a worker ending callback nodes). Asking for its cache lines now lets
+  // that transfer overlap the caller's work until then, instead of stalling the caller's next
+  // publish (W2cb: the submitter's compare-exchange waited on exactly those lines). Only a hint:
+  // another thread may take that slot first.
+  void prefetch_for_write([[maybe_unused]] std::uint32_t index_plus_one) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+    if (index_plus_one == 0) return;
+    const auto* bytes = reinterpret_cast<const char*>(&at(index_plus_one - 1));
+    for (std::size_t offset = 0; offset < sizeof(slot); offset += 64)
+      __builtin_prefetch(bytes + offset, 1);
+#endif
   }
 
   slot& at(std::uint32_t index) noexcept {
