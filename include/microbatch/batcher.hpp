@@ -273,7 +273,7 @@ public:
     detail::callback_node<Job, Result>* node = nullptr;
     try {
       node = ::new (lease.memory) detail::callback_node<Job, Result>(std::move(job), std::forward<F>(on_complete),
-                                                                     callback_home_, lease.memory, lease.pooled);
+                                                                     callback_home_, lease.pooled);
     } catch (...) {
       callback_slots_.release(lease);
       throw;

@@ -370,22 +370,34 @@ public:
 
   static constexpr std::size_t inline_bytes = 48;
 
+  /// Built by placement new in memory from the owner's pool (`pooled`) or from operator new; when the
+  /// node ends, it gives that memory back to `owner`.
   template <class F>
-  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init): inline_storage_ stays raw until used
-  callback_node(Job&& submitted, F&& on_complete, home& owner, void* memory, bool pooled)
-      : job_node<Job, Result>(std::move(submitted)), owner_(owner), memory_(memory), pooled_(pooled) {
+  callback_node(Job&& submitted, F&& on_complete, home& owner, bool pooled)
+      : job_node<Job, Result>(std::move(submitted)), pooled_(pooled), owner_(owner) {
     using Callable = std::decay_t<F>;
     if constexpr (sizeof(Callable) <= inline_bytes && alignof(Callable) <= alignof(std::max_align_t) &&
                   std::is_nothrow_move_constructible_v<Callable>) {
-      callable_ = ::new (static_cast<void*>(inline_storage_)) Callable(std::forward<F>(on_complete));
-      destroy_ = [](void* callable) noexcept { static_cast<Callable*>(callable)->~Callable(); };
-    } else {
-      callable_ = new Callable(std::forward<F>(on_complete));
-      destroy_ = [](void* callable) noexcept { delete static_cast<Callable*>(callable); };
+      ::new (static_cast<void*>(storage_)) Callable(std::forward<F>(on_complete));
+      call_ = [](unsigned char* storage, Outcome<Result>* outcome) {
+        auto* callable = std::launder(reinterpret_cast<Callable*>(storage));
+        if (outcome != nullptr) {
+          (*callable)(std::move(*outcome));
+        } else {
+          callable->~Callable();
+        }
+      };
+    } else { // too big for the node: the callable on the heap, its address in the storage
+      ::new (static_cast<void*>(storage_)) Callable*(new Callable(std::forward<F>(on_complete)));
+      call_ = [](unsigned char* storage, Outcome<Result>* outcome) {
+        Callable* callable = *std::launder(reinterpret_cast<Callable**>(storage));
+        if (outcome != nullptr) {
+          (*callable)(std::move(*outcome));
+        } else {
+          delete callable;
+        }
+      };
     }
-    invoke_ = [](void* callable, Outcome<Result>&& outcome) {
-      (*static_cast<Callable*>(callable))(std::move(outcome));
-    };
   }
 
   void finish(Result&& value) noexcept override {
@@ -397,13 +409,13 @@ public:
   }
   void finish(std::exception_ptr error) noexcept override { call_back(Outcome<Result>(std::move(error))); }
 
-  /// Ends a node that was never handed to the batcher (submit threw): no call back.
+  /// Ends the node without calling the callable (the submit that made it failed).
   void discard() noexcept { destroy(); }
 
 private:
   void call_back(Outcome<Result>&& outcome) noexcept {
     try {
-      invoke_(callable_, std::move(outcome));
+      call_(storage_, &outcome);
     } catch (...) {
       owner_.callback_threw();
     }
@@ -411,21 +423,22 @@ private:
   }
 
   void destroy() noexcept {
-    destroy_(callable_);
+    call_(storage_, nullptr); // destroys the callable
     home& owner = owner_;
-    void* memory = memory_;
+    void* memory = this; // where the submit built this node
     const bool pooled = pooled_;
     this->~callback_node();
     owner.recycle(memory, pooled);
   }
 
-  home& owner_;
-  void* memory_;
+  // Few and small: the submitter writes every byte of a node, often in a slot that a worker's core
+  // wrote last, so each cache line it spans costs a transfer (W2cb). `pooled_` fits in the padding
+  // at the end of job_node.
   bool pooled_;
-  void* callable_ = nullptr;
-  void (*invoke_)(void*, Outcome<Result>&&) = nullptr;
-  void (*destroy_)(void*) noexcept = nullptr;
-  alignas(std::max_align_t) unsigned char inline_storage_[inline_bytes];
+  home& owner_;
+  // Calls the callable with the outcome, or (outcome null) destroys it: one pointer for both.
+  void (*call_)(unsigned char* storage, Outcome<Result>* outcome) = nullptr;
+  alignas(std::max_align_t) unsigned char storage_[inline_bytes]; // the callable, or its heap address
 };
 
 /// `co_await async_execute_job(job)`: lives in the awaiting coroutine's frame (inside the awaiter).
