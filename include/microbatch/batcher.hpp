@@ -1024,11 +1024,11 @@ private:
                                             options_.max_batch_weight, has_weight};
   detail::collector_clock clock_{options_.clock};
   detail::ready_queue<node_type> ready_{options_.max_concurrent_batches};
-  std::atomic<bool> sweep_requested_{false}; // a queued job was cancelled: the collector drops it
-  runner_link runner_link_{*this};
-  // Its own cache line: every submit adds to it, and a worker reads its neighbours for every job
+  std::atomic<bool> sweep_requested_{false};        // a queued job was cancelled: the collector drops it
+  std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
+  // Its own cache line: a worker reads it for every job, and every submit adds to enqueues_returned_
   // (sharing a line cost W2cb's submitter a third of its time in admit_and_enqueue).
-  alignas(64) std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
+  alignas(64) runner_link runner_link_{*this};
 
   // Counters (Stats).
   alignas(64) std::atomic<std::uint64_t> jobs_completed_{0};
