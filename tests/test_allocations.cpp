@@ -153,6 +153,7 @@ TEST_CASE("submit with a small callback allocates nothing per job once warm", "[
   batcher.submit({0, 1}, [&](microbatch::Outcome<Result>&&) { held.enter(); });
   batcher.flush();      // no timer (delay 0): a batch of 8 goes out on its size, or now
   held.await_entered(); // job 0 has completed (its slot is free); the worker waits in its callback
+  // From here every count is a multiple of 8: with batches of 8 and no timer, each batch fills.
   submit_all(1, 64);
   held.open();
   await_all();

@@ -81,6 +81,69 @@ TEST_CASE("large callables, shutdown drains callbacks, submit after shutdown nev
   CHECK_FALSE(called);
 }
 
+namespace {
+/// A callable that counts its live copies and its calls; `Ballast` bytes decide whether the batcher
+/// keeps it inside the node (small) or on the heap (large).
+template <std::size_t Ballast> struct counted_callback {
+  std::atomic<int>* alive;
+  std::atomic<int>* calls;
+  bool throws;
+  std::array<char, Ballast> ballast{};
+  counted_callback(std::atomic<int>& alive_copies, std::atomic<int>& call_count, bool throws_when_called)
+      : alive(&alive_copies), calls(&call_count), throws(throws_when_called) {
+    ++*alive;
+  }
+  counted_callback(const counted_callback& other) noexcept
+      : alive(other.alive), calls(other.calls), throws(other.throws), ballast(other.ballast) {
+    ++*alive;
+  }
+  counted_callback& operator=(const counted_callback&) = delete;
+  ~counted_callback() { --*alive; }
+  void operator()(Outcome<Result>&&) const {
+    ++*calls;
+    if (throws) throw std::logic_error("careless callback");
+  }
+};
+} // namespace
+
+TEMPLATE_TEST_CASE("a callable is called at most once and destroyed exactly once, on every path", "[callbacks]",
+                   counted_callback<8>, counted_callback<200>) {
+  std::atomic<int> alive{0};
+  std::atomic<int> calls{0};
+  gate held;
+  auto processor = [&held](std::span<Job> jobs) -> std::vector<Result> {
+    if (jobs[0].value == 0) held.enter();
+    if (jobs[0].value < 0) throw std::runtime_error("backend down");
+    return doubled(jobs);
+  };
+  {
+    // Rejected by backpressure after its node was built: destroyed, never called.
+    microbatch::Batcher batcher(
+        processor, &Job::id, &Result::id,
+        Options{.max_batch_size = 1, .max_pending_jobs = 1, .overflow = microbatch::Overflow::reject});
+    batcher.submit({1, 0}, TestType(alive, calls, false)); // waits in the processor
+    held.await_entered();
+    CHECK_THROWS_AS(batcher.submit({2, 1}, TestType(alive, calls, false)), microbatch::queue_full);
+    CHECK(calls.load() == 0);
+    held.open();
+    batcher.shutdown();
+    CHECK(calls.load() == 1);
+    CHECK(alive.load() == 0);
+  }
+  {
+    // A result, an error, and a callable that throws: each called once, then destroyed.
+    microbatch::Batcher batcher(processor, &Job::id, &Result::id, Options{.max_batch_size = 1});
+    batcher.submit({3, 1}, TestType(alive, calls, false));
+    batcher.submit({4, -1}, TestType(alive, calls, false));
+    batcher.submit({5, 1}, TestType(alive, calls, true));
+    batcher.shutdown();
+    CHECK(calls.load() == 4);
+    CHECK(alive.load() == 0);
+    CHECK(batcher.stats().callback_errors == 1);
+    CHECK(batcher.stats().jobs_failed == 1);
+  }
+}
+
 TEST_CASE("Shutdown::cancel calls back queued jobs with batcher_closed", "[callbacks]") {
   gate held;
   auto process = gated(held);

@@ -601,11 +601,19 @@ private:
     }
     // From here the job may end at any moment on another thread, and a callback or coroutine that
     // completes it may let its owner shut down and destroy the batcher while this call still runs:
-    // `shutdown` waits until every call that published a job has counted itself out here, last.
+    // `shutdown` waits until every call that published a job has counted itself out here, last (on a
+    // thread running one of this batcher's batches, into that batch's scope: see running_batch).
     struct count_out {
-      std::atomic<std::uint64_t>& returned;
-      ~count_out() { returned.fetch_add(1, std::memory_order_release); }
-    } on_return{enqueues_returned_};
+      Batcher& owner;
+      ~count_out() {
+        running_batch* running = running_batch_of_thread();
+        if (running != nullptr && running->owner == &owner) {
+          ++running->enqueues_returned;
+        } else {
+          owner.enqueues_returned_.fetch_add(1, std::memory_order_release);
+        }
+      }
+    } on_return{*this};
     // A forming pass here takes this job from the inbox (or finds it taken by an earlier pass) and
     // wakes the clock for what it leaves forming: this call need not wake it for the job again.
     bool formed = false;
@@ -695,7 +703,7 @@ private:
         const void* previous;
         ~batcher_thread() { current_batcher() = previous; }
       } mark{std::exchange(current_batcher(), this)};
-      batch_gathering slots{*this};
+      batch_scope running{*this};
       runner->run(jobs);
     }
     give_back_runner(std::move(runner));
@@ -923,7 +931,10 @@ private:
           auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
           forming_.take_arrivals(now_time, full, stopping);
           // Expired and cancelled jobs leave first, so that no batch is dispatched with them.
-          if (sweep_requested_.exchange(false, std::memory_order_acq_rel) || forming_.earliest_deadline() <= now_time)
+          // (A load before the exchange: its cache line is also one that every submit writes to.)
+          if ((sweep_requested_.load(std::memory_order_relaxed) &&
+               sweep_requested_.exchange(false, std::memory_order_acq_rel)) ||
+              forming_.earliest_deadline() <= now_time)
             expire(now_time, leaving);
           const bool flush_wanted = requests.flush_ticket > flushes_served;
           if (!forming_.empty() && (stopping || flush_wanted || forming_.due() <= now_time)) {
@@ -1001,7 +1012,7 @@ private:
       } else if (queue_emptied && admission_.closed()) {
         clock_.wake(); // a draining collector waits for this
       }
-      batch_gathering slots{*this};
+      batch_scope running{*this};
       runner.run(jobs);
     }
   }
@@ -1057,7 +1068,7 @@ private:
     Batcher* owner = nullptr;
     void callback_threw() noexcept override { owner->callback_errors_.fetch_add(1, std::memory_order_relaxed); }
     void recycle(void* memory, bool pooled) noexcept override {
-      gathering_slots* current = gathering();
+      running_batch* current = running_batch_of_thread();
       if (current != nullptr && current->owner == owner) {
         owner->callback_slots_.gather({memory, pooled}, current->slots);
       } else {
@@ -1069,35 +1080,44 @@ private:
   callback_pool callback_slots_;
   callback_home callback_home_;
 
-  // A thread that runs a batch gathers the slots of the callback nodes it ends and gives them back
-  // together when the batch is over: one compare-exchange on the pool per batch instead of one per job,
-  // which submitters on another core would otherwise fight over (W2cb). Any other thread that ends a
-  // callback node (the collector: expired, or cancelled by shutdown; a submit that failed) gives its
-  // slot back at once.
-  struct gathering_slots {
+  // What a thread that runs one of this batcher's batches (a worker, or a caller that borrowed a
+  // processor slot) saves up until the batch is over, instead of one atomic operation per job:
+  //  - the slots of the callback nodes it ends, given back to the pool with one compare-exchange (the
+  //    submitters on another core would otherwise fight over the pool's head for each: W2cb); any
+  //    other thread that ends a callback node (the collector: expired, or cancelled by shutdown; a
+  //    submit that failed, unless made from within one of this batcher's batches) gives its slot back
+  //    at once;
+  //  - the count of its own `enqueue` calls that returned (the coroutines it resumes and the callbacks
+  //    it runs submit the next jobs on this thread: W1co, W4co), added to `enqueues_returned_` once.
+  //    `shutdown` reads that count only after every worker has been joined and every borrowed slot
+  //    given back, which is after this scope ended.
+  struct running_batch {
     const Batcher* owner;
     typename callback_pool::gathered slots;
+    std::uint64_t enqueues_returned = 0;
   };
-  static gathering_slots*& gathering() noexcept {
-    thread_local gathering_slots* current = nullptr; // this thread's, while it runs a batch
+  static running_batch*& running_batch_of_thread() noexcept {
+    thread_local running_batch* current = nullptr; // this thread's, while it runs a batch
     return current;
   }
   /// Scope of one batch on its runner's thread; nests (a callback may run another batcher's batch).
-  class batch_gathering {
+  class batch_scope {
   public:
-    explicit batch_gathering(Batcher& owner) noexcept
-        : owner_(owner), mine_{&owner, {}}, previous_(std::exchange(gathering(), &mine_)) {}
-    batch_gathering(const batch_gathering&) = delete;
-    batch_gathering& operator=(const batch_gathering&) = delete;
-    ~batch_gathering() {
-      gathering() = previous_;
+    explicit batch_scope(Batcher& owner) noexcept
+        : owner_(owner), mine_{&owner, {}}, previous_(std::exchange(running_batch_of_thread(), &mine_)) {}
+    batch_scope(const batch_scope&) = delete;
+    batch_scope& operator=(const batch_scope&) = delete;
+    ~batch_scope() {
+      running_batch_of_thread() = previous_;
       owner_.callback_slots_.release_gathered(mine_.slots);
+      if (mine_.enqueues_returned != 0)
+        owner_.enqueues_returned_.fetch_add(mine_.enqueues_returned, std::memory_order_release);
     }
 
   private:
     Batcher& owner_;
-    gathering_slots mine_;
-    gathering_slots* previous_;
+    running_batch mine_;
+    running_batch* previous_;
   };
 
   std::mutex shutdown_mutex_;

@@ -373,6 +373,7 @@ public:
   /// Built by placement new in memory from the owner's pool (`pooled`) or from operator new; when the
   /// node ends, it gives that memory back to `owner`.
   template <class F>
+  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init): storage_ stays raw until used
   callback_node(Job&& submitted, F&& on_complete, home& owner, bool pooled)
       : job_node<Job, Result>(std::move(submitted)), pooled_(pooled), owner_(owner) {
     using Callable = std::decay_t<F>;
@@ -432,8 +433,8 @@ private:
   }
 
   // Few and small: the submitter writes every byte of a node, often in a slot that a worker's core
-  // wrote last, so each cache line it spans costs a transfer (W2cb). `pooled_` fits in the padding
-  // at the end of job_node.
+  // wrote last, so each cache line it spans costs a transfer (W2cb). `pooled_` comes first so that it
+  // can share job_node's tail padding, when the job leaves any.
   bool pooled_;
   home& owner_;
   // Calls the callable with the outcome, or (outcome null) destroys it: one pointer for both.

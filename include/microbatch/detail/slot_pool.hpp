@@ -129,9 +129,10 @@ private:
   void prefetch_for_write([[maybe_unused]] std::uint32_t index_plus_one) noexcept {
 #if defined(__GNUC__) || defined(__clang__)
     if (index_plus_one == 0) return;
-    const auto* bytes = reinterpret_cast<const char*>(&at(index_plus_one - 1));
-    for (std::size_t offset = 0; offset < sizeof(slot); offset += 64)
-      __builtin_prefetch(bytes + offset, 1);
+    // Every line the slot touches: a slot is only Align-aligned, so it may start inside a line.
+    const auto first = reinterpret_cast<std::uintptr_t>(&at(index_plus_one - 1));
+    for (std::uintptr_t line = first & ~std::uintptr_t{63}; line < first + sizeof(slot); line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 1);
 #endif
   }
 
