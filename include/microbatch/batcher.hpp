@@ -437,7 +437,10 @@ public:
     s.jobs_expired = jobs_expired_.load(std::memory_order_relaxed);
     s.jobs_cancelled = jobs_cancelled_.load(std::memory_order_relaxed);
     s.jobs_rejected = jobs_rejected_.load(std::memory_order_relaxed);
-    s.jobs_submitted = std::max(forming_.arrivals(), s.jobs_completed + s.jobs_failed);
+    std::uint64_t arrivals = forming_.arrivals();
+    if (const running_batch* running = running_batch_of_thread(); running != nullptr && running->owner == this)
+      arrivals += running->uncounted_arrivals; // this thread's own submits are counted, whatever others see
+    s.jobs_submitted = std::max(arrivals, s.jobs_completed + s.jobs_failed);
     s.pending_jobs = s.jobs_submitted - s.jobs_completed - s.jobs_failed;
     s.batches_full = batches_full_.load(std::memory_order_relaxed);
     s.batches_timed_out = batches_timed_out_.load(std::memory_order_relaxed);
@@ -603,21 +606,34 @@ private:
     // completes it may let its owner shut down and destroy the batcher while this call still runs:
     // `shutdown` waits until every call that published a job has counted itself out here, last (on a
     // thread running one of this batcher's batches, into that batch's scope: see running_batch).
+    running_batch* const running = running_batch_of_thread();
+    running_batch* const in_own_batch = running != nullptr && running->owner == this ? running : nullptr;
     struct count_out {
       Batcher& owner;
+      running_batch* in_own_batch;
       ~count_out() {
-        running_batch* running = running_batch_of_thread();
-        if (running != nullptr && running->owner == &owner) {
-          ++running->enqueues_returned;
+        if (in_own_batch != nullptr) {
+          ++in_own_batch->enqueues_returned;
         } else {
           owner.enqueues_returned_.fetch_add(1, std::memory_order_release);
         }
       }
-    } on_return{*this};
+    } on_return{*this, in_own_batch};
     // A forming pass here takes this job from the inbox (or finds it taken by an earlier pass) and
     // wakes the clock for what it leaves forming: this call need not wake it for the job again.
     bool formed = false;
-    if (forming_.count_arrival(weight)) {
+    if (in_own_batch != nullptr && !forming_.weighed()) {
+      // Counted with the batch's other uncounted jobs: at once if they fill the forming batch, else
+      // when the batch is over (see running_batch).
+      const std::uint64_t uncounted = ++in_own_batch->uncounted_arrivals;
+      if (forming_.would_fill(uncounted)) {
+        in_own_batch->uncounted_arrivals = 0;
+        if (forming_.count_arrivals(uncounted)) {
+          form_full_batches();
+          formed = true;
+        }
+      }
+    } else if (forming_.count_arrival(weight)) {
       form_full_batches();
       formed = true;
     }
@@ -912,9 +928,11 @@ private:
     ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 #endif
     std::uint64_t flushes_served = 0;
+    std::uint64_t arrivals_seen = 0; // jobs counted when the last round planned
     for (;;) {
       const auto requests = clock_.begin_round();
       const time_point now_time = now();
+      const std::uint64_t deadline_pushes = forming_.deadline_pushes(); // before this round takes the inbox
       const bool stopping = requests.shutdown.has_value();
       const bool cancelling = stopping && *requests.shutdown == Shutdown::cancel;
       batch leaving; // expired or cancelled jobs, ended below, outside every lock
@@ -946,7 +964,17 @@ private:
           finished = stopping && forming_.empty() && ready_.empty();
         }
         if (finished) ready_.finish();
-        clock_.plan(std::min(forming_.due(), forming_.earliest_deadline()));
+        // While jobs keep coming, the clock looks again within one delay even with nothing forming, so
+        // that the next batch's first job finds the plan early enough and need not wake it: a wake-up
+        // costs that submitter a system call, and in W1co the collector, woken by a batch's first job,
+        // often found that batch already gone, planned "never" again, and was woken again by the next
+        // (up to 20 times per ms). A round that sees no new job plans as usual (an idle batcher sleeps).
+        time_point wake_at = std::min(forming_.due(), forming_.earliest_deadline());
+        const std::uint64_t arrivals = forming_.arrivals();
+        if (arrivals != arrivals_seen && forming_.delay().count() > 0)
+          wake_at = std::min(wake_at, saturating_add(now_time, forming_.delay()));
+        arrivals_seen = arrivals;
+        clock_.plan(wake_at);
       }
       leaving.for_each([&](node_type* job) {
         if (cancelling) {
@@ -966,9 +994,19 @@ private:
         flushes_served = requests.flush_ticket;
         clock_.flushed(flushes_served);
       }
-      // A job published before the plan was visible is seen here; one published after it sees the
-      // plan and wakes the collector if it must (the inbox is closed once stopping).
-      if (!stopping && !forming_.inbox_empty()) continue;
+      // A job published after the plan was visible sees it and wakes the collector if it must. One
+      // published during this round, after its pass took the inbox, may have been judged by the older
+      // plan, which this round may have moved later (the inbox is closed once stopping):
+      //  - for its deadline, if any job with a deadline came meanwhile, another round takes it now;
+      //  - for the delay of a batch it may start, the plan is at most this round's start plus the delay
+      //    (its arrival is later, unless its thread stalled between stamping and publishing it).
+      // Going round again for every such job would chase busy submitters: the rounds would fight them
+      // for the forming batch's mutex (in W1co, the worker slept on it several times per 100 batches).
+      if (!stopping && !forming_.inbox_empty()) {
+        if (forming_.deadline_pushes() != deadline_pushes) continue;
+        const std::chrono::nanoseconds delay = forming_.delay();
+        if (delay.count() > 0) clock_.lower_plan(saturating_add(now_time, delay));
+      }
       if (clock_.planned() <= now_time) continue; // already due (a job taken late in this round)
       clock_.sleep();
     }
@@ -1090,11 +1128,18 @@ private:
   //  - the count of its own `enqueue` calls that returned (the coroutines it resumes and the callbacks
   //    it runs submit the next jobs on this thread: W1co, W4co), added to `enqueues_returned_` once.
   //    `shutdown` reads that count only after every worker has been joined and every borrowed slot
-  //    given back, which is after this scope ended.
+  //    given back, which is after this scope ended;
+  //  - the arrival count of the jobs those calls published (without weights): each job is in the inbox
+  //    at once (a forming pass, flush, deadlines and shutdown see it), only its count waits. The count
+  //    goes in early, with a forming pass on this thread, when it would fill the forming batch (two
+  //    loads per job tell), so a batch that fills is dispatched at once as before; if another thread's
+  //    job fills it meanwhile, the batch goes when this scope ends (or when due). Until then
+  //    `Stats::jobs_submitted` may lag behind those jobs.
   struct running_batch {
     const Batcher* owner;
     typename callback_pool::gathered slots;
     std::uint64_t enqueues_returned = 0;
+    std::uint64_t uncounted_arrivals = 0;
   };
   static running_batch*& running_batch_of_thread() noexcept {
     thread_local running_batch* current = nullptr; // this thread's, while it runs a batch
@@ -1109,6 +1154,8 @@ private:
     batch_scope& operator=(const batch_scope&) = delete;
     ~batch_scope() {
       running_batch_of_thread() = previous_;
+      if (mine_.uncounted_arrivals != 0 && owner_.forming_.count_arrivals(mine_.uncounted_arrivals))
+        owner_.form_full_batches();
       owner_.callback_slots_.release_gathered(mine_.slots);
       if (mine_.enqueues_returned != 0)
         owner_.enqueues_returned_.fetch_add(mine_.enqueues_returned, std::memory_order_release);

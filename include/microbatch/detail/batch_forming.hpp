@@ -79,7 +79,18 @@ public:
   /// Publishes `job`; `stamp(job)` runs first when it is the first job into an empty inbox (the
   /// batcher records its arrival time there). Fails only after `close`. Lock-free.
   template <class Stamp> push_result push(Node* job, Stamp&& stamp) noexcept {
-    return inbox_.push(job, std::forward<Stamp>(stamp));
+    const bool has_deadline = job->deadline != time_point::max(); // after the push `job` may be gone
+    const push_result pushed = inbox_.push(job, std::forward<Stamp>(stamp));
+    if (has_deadline && pushed != push_result::closed) deadline_pushes_.fetch_add(1, std::memory_order_seq_cst);
+    return pushed;
+  }
+
+  /// Jobs with a deadline published so far, each counted after its push and before its submitter
+  /// reads the collector's plan. The collector reads it before a round takes the inbox: if it is the
+  /// same after the round published its plan, no job left in the inbox can have a deadline that its
+  /// submitter judged by an older plan (see the collector). Lock-free.
+  [[nodiscard]] std::uint64_t deadline_pushes() const noexcept {
+    return deadline_pushes_.load(std::memory_order_seq_cst);
   }
 
   /// Counts a published job (of `weight`, with a weight limit). True if this arrival fills the forming
@@ -95,6 +106,24 @@ public:
              full;
     }
     return full;
+  }
+
+  /// True if the jobs must be counted one by one, with their weights (`count_arrival`); otherwise a
+  /// thread may count several at once (`count_arrivals`). Lock-free.
+  [[nodiscard]] bool weighed() const noexcept { return weighed_; }
+
+  /// Counts `published` jobs, published earlier but not counted yet, at once (not `weighed`). True if
+  /// they fill the forming batch: the caller must run a forming pass. Lock-free.
+  bool count_arrivals(std::uint64_t published) noexcept {
+    const std::uint64_t count = arrivals_.fetch_add(published, std::memory_order_seq_cst) + published;
+    return count >= fill_at_.load(std::memory_order_seq_cst) &&
+           fill_at_.exchange(never, std::memory_order_seq_cst) != never;
+  }
+
+  /// A hint for a thread that puts off counting its jobs: true if `uncounted` more arrivals would fill
+  /// the forming batch now (it should count them). Two loads, no store. Lock-free.
+  [[nodiscard]] bool would_fill(std::uint64_t uncounted) const noexcept {
+    return arrivals_.load(std::memory_order_relaxed) + uncounted >= fill_at_.load(std::memory_order_relaxed);
   }
 
   /// Jobs counted so far. Lock-free.
@@ -231,6 +260,7 @@ private:
   alignas(64) std::atomic<std::uint64_t> arrivals_{0};       // jobs published and counted, ever
   alignas(64) std::atomic<std::uint64_t> fill_at_{0};        // arrivals_ value that fills the forming batch
   alignas(64) std::atomic<std::uint64_t> weight_arrived_{0}; // with a weight limit: weight counted, ever
+  std::atomic<std::uint64_t> deadline_pushes_{0};            // jobs with a deadline published, ever
   std::atomic<std::uint64_t> weight_fill_at_{never};         // weight_arrived_ value that fills it
 
   std::mutex mutex_;

@@ -130,6 +130,15 @@ public:
     planned_.store(wake_at.time_since_epoch().count(), std::memory_order_seq_cst);
   }
 
+  /// (collector) Lowers the plan to `when` if that is sooner, without a wake-up (the collector is
+  /// about to sleep by it).
+  void lower_plan(time_point when) noexcept {
+    const auto wanted = when.time_since_epoch().count();
+    auto planned = planned_.load(std::memory_order_seq_cst);
+    while (wanted < planned && !planned_.compare_exchange_weak(planned, wanted, std::memory_order_seq_cst)) {
+    }
+  }
+
   /// (collector) The plan as it stands (others may have lowered it).
   [[nodiscard]] time_point planned() const noexcept {
     return time_point{time_point::duration{planned_.load(std::memory_order_seq_cst)}};
