@@ -189,3 +189,66 @@ TEST_CASE("callbacks that submit again never deadlock on Overflow::block", "[cal
   CHECK(batcher.stats().jobs_completed >= std::uint64_t(total));
   CHECK(batcher.stats().pending_jobs == 0);
 }
+
+// A thread running one of the batcher's batches counts the jobs it submits there once per batch
+// (see running_batch in batcher.hpp), unless they would fill the forming batch: then at once.
+TEST_CASE("jobs a callback submits: a batch they fill goes at once; that thread sees them counted", "[callbacks]") {
+  // No delay: only a full batch goes. Two slots: the batch the callback fills runs beside its own.
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id,
+                              Options{.max_batch_size = 4, .max_batch_delay = 0s, .max_concurrent_batches = 2});
+  std::promise<void> inner_done;
+  std::atomic<int> inner_left{4};
+  std::promise<std::vector<std::uint64_t>> submitted_seen; // jobs_submitted after each inner submit
+  std::promise<bool> inner_ran_during_callback;
+  std::latch outer(4);
+  for (std::uint64_t id = 0; id < 4; ++id) {
+    batcher.submit({id, 1}, [&, id](Outcome<Result>&&) {
+      if (id == 0) {
+        std::vector<std::uint64_t> seen;
+        for (std::uint64_t inner = 10; inner < 14; ++inner) {
+          batcher.submit({inner, 1}, [&](Outcome<Result>&&) {
+            if (inner_left.fetch_sub(1) == 1) inner_done.set_value();
+          });
+          seen.push_back(batcher.stats().jobs_submitted);
+        }
+        submitted_seen.set_value(seen);
+        // The inner batch is full: it must run now, on the other slot, while this callback waits.
+        inner_ran_during_callback.set_value(inner_done.get_future().wait_for(60s) == std::future_status::ready);
+      }
+      outer.count_down();
+    });
+  }
+  CHECK(submitted_seen.get_future().get() == std::vector<std::uint64_t>{5, 6, 7, 8});
+  CHECK(inner_ran_during_callback.get_future().get());
+  outer.wait();
+  batcher.shutdown();
+  CHECK(batcher.stats().jobs_submitted == 8);
+  CHECK(batcher.stats().jobs_completed == 8);
+}
+
+TEST_CASE("jobs a callback submits and another thread's jobs fill a batch together", "[callbacks]") {
+  // No delay: the batch goes only when the two jobs submitted from the callback and the two from
+  // this thread are all counted, whichever side is counted last.
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id, Options{.max_batch_size = 4, .max_batch_delay = 0s});
+  std::latch all_ran(4);
+  auto count = [&](Outcome<Result>&& outcome) {
+    CHECK(outcome.has_value());
+    all_ran.count_down();
+  };
+  std::latch inner_submitted(1);
+  batcher.submit({0, 1}, [&](Outcome<Result>&&) {
+    batcher.submit({10, 1}, count);
+    batcher.submit({11, 1}, count);
+    inner_submitted.count_down();
+  });
+  batcher.flush(); // the batch of job 0 alone
+  inner_submitted.wait();
+  batcher.submit({20, 1}, count);
+  batcher.submit({21, 1}, count);
+  all_ran.wait(); // would hang (and hit the test timeout) if a count were lost
+  batcher.shutdown();
+  const auto stats = batcher.stats();
+  CHECK(stats.jobs_submitted == 5);
+  CHECK(stats.batches_full == 1);
+  CHECK(stats.batches_flushed == 1);
+}
