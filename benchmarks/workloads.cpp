@@ -504,6 +504,9 @@ void coroutine_closed_loop(benchmark::State& state, const std::string& workload,
   const int jobs_each = smoke ? 20 : 20000;
   double total_s = 0, total_jobs = 0, switches = 0, batches = 0;
   std::vector<std::vector<double>> latencies_us(requests);
+  if (latencies) // no reallocation (a copy of everything so far) inside the timed loop
+    for (auto& each : latencies_us)
+      each.reserve(std::size_t(jobs_each));
   for (auto _ : state) {
     B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 64, .max_batch_delay = delay});
     std::atomic<bool> wrong{false};

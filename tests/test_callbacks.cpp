@@ -190,8 +190,8 @@ TEST_CASE("callbacks that submit again never deadlock on Overflow::block", "[cal
   CHECK(batcher.stats().pending_jobs == 0);
 }
 
-// A thread running one of the batcher's batches counts the jobs it submits there once per batch
-// (see running_batch in batcher.hpp), unless they would fill the forming batch: then at once.
+// Jobs submitted from inside a batch (a callback on a worker) count like any other: a batch they fill
+// goes at once, while the submitting callback still runs, and they can share a batch with other threads'.
 TEST_CASE("jobs a callback submits: a batch they fill goes at once; that thread sees them counted", "[callbacks]") {
   // No delay: only a full batch goes. Two slots: the batch the callback fills runs beside its own.
   microbatch::Batcher batcher(doubled, &Job::id, &Result::id,

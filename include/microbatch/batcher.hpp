@@ -437,10 +437,7 @@ public:
     s.jobs_expired = jobs_expired_.load(std::memory_order_relaxed);
     s.jobs_cancelled = jobs_cancelled_.load(std::memory_order_relaxed);
     s.jobs_rejected = jobs_rejected_.load(std::memory_order_relaxed);
-    std::uint64_t arrivals = forming_.arrivals();
-    if (const running_batch* running = running_batch_of_thread(); running != nullptr && running->owner == this)
-      arrivals += running->uncounted_arrivals; // this thread's own submits are counted, whatever others see
-    s.jobs_submitted = std::max(arrivals, s.jobs_completed + s.jobs_failed);
+    s.jobs_submitted = std::max(forming_.arrivals(), s.jobs_completed + s.jobs_failed);
     s.pending_jobs = s.jobs_submitted - s.jobs_completed - s.jobs_failed;
     s.batches_full = batches_full_.load(std::memory_order_relaxed);
     s.batches_timed_out = batches_timed_out_.load(std::memory_order_relaxed);
@@ -606,34 +603,21 @@ private:
     // completes it may let its owner shut down and destroy the batcher while this call still runs:
     // `shutdown` waits until every call that published a job has counted itself out here, last (on a
     // thread running one of this batcher's batches, into that batch's scope: see running_batch).
-    running_batch* const running = running_batch_of_thread();
-    running_batch* const in_own_batch = running != nullptr && running->owner == this ? running : nullptr;
     struct count_out {
       Batcher& owner;
-      running_batch* in_own_batch;
       ~count_out() {
-        if (in_own_batch != nullptr) {
-          ++in_own_batch->enqueues_returned;
+        running_batch* running = running_batch_of_thread();
+        if (running != nullptr && running->owner == &owner) {
+          ++running->enqueues_returned;
         } else {
           owner.enqueues_returned_.fetch_add(1, std::memory_order_release);
         }
       }
-    } on_return{*this, in_own_batch};
+    } on_return{*this};
     // A forming pass here takes this job from the inbox (or finds it taken by an earlier pass) and
     // wakes the clock for what it leaves forming: this call need not wake it for the job again.
     bool formed = false;
-    if (in_own_batch != nullptr && !forming_.weighed()) {
-      // Counted with the batch's other uncounted jobs: at once if they fill the forming batch, else
-      // when the batch is over (see running_batch).
-      const std::uint64_t uncounted = ++in_own_batch->uncounted_arrivals;
-      if (forming_.would_fill(uncounted)) {
-        in_own_batch->uncounted_arrivals = 0;
-        if (forming_.count_arrivals(uncounted)) {
-          form_full_batches();
-          formed = true;
-        }
-      }
-    } else if (forming_.count_arrival(weight)) {
+    if (forming_.count_arrival(weight)) {
       form_full_batches();
       formed = true;
     }
@@ -969,9 +953,11 @@ private:
         // costs that submitter a system call, and in W1co the collector, woken by a batch's first job,
         // often found that batch already gone, planned "never" again, and was woken again by the next
         // (up to 20 times per ms). A round that sees no new job plans as usual (an idle batcher sleeps).
+        // Real time only: with a manual clock a timer stays a batch delay or a deadline, as
+        // `manual_clock::await_timers` promises tests, and a wake-up costs nothing to speak of.
         time_point wake_at = std::min(forming_.due(), forming_.earliest_deadline());
         const std::uint64_t arrivals = forming_.arrivals();
-        if (arrivals != arrivals_seen && forming_.delay().count() > 0)
+        if (arrivals != arrivals_seen && clock_.real_time() && forming_.delay().count() > 0)
           wake_at = std::min(wake_at, saturating_add(now_time, forming_.delay()));
         arrivals_seen = arrivals;
         clock_.plan(wake_at);
@@ -1128,18 +1114,11 @@ private:
   //  - the count of its own `enqueue` calls that returned (the coroutines it resumes and the callbacks
   //    it runs submit the next jobs on this thread: W1co, W4co), added to `enqueues_returned_` once.
   //    `shutdown` reads that count only after every worker has been joined and every borrowed slot
-  //    given back, which is after this scope ended;
-  //  - the arrival count of the jobs those calls published (without weights): each job is in the inbox
-  //    at once (a forming pass, flush, deadlines and shutdown see it), only its count waits. The count
-  //    goes in early, with a forming pass on this thread, when it would fill the forming batch (two
-  //    loads per job tell), so a batch that fills is dispatched at once as before; if another thread's
-  //    job fills it meanwhile, the batch goes when this scope ends (or when due). Until then
-  //    `Stats::jobs_submitted` may lag behind those jobs.
+  //    given back, which is after this scope ended.
   struct running_batch {
     const Batcher* owner;
     typename callback_pool::gathered slots;
     std::uint64_t enqueues_returned = 0;
-    std::uint64_t uncounted_arrivals = 0;
   };
   static running_batch*& running_batch_of_thread() noexcept {
     thread_local running_batch* current = nullptr; // this thread's, while it runs a batch
@@ -1154,8 +1133,6 @@ private:
     batch_scope& operator=(const batch_scope&) = delete;
     ~batch_scope() {
       running_batch_of_thread() = previous_;
-      if (mine_.uncounted_arrivals != 0 && owner_.forming_.count_arrivals(mine_.uncounted_arrivals))
-        owner_.form_full_batches();
       owner_.callback_slots_.release_gathered(mine_.slots);
       if (mine_.enqueues_returned != 0)
         owner_.enqueues_returned_.fetch_add(mine_.enqueues_returned, std::memory_order_release);

@@ -124,9 +124,7 @@ struct Options {
 
 /// A snapshot of a batcher's counters, all since construction. Taken without stopping the batcher:
 /// counters are read one by one, so they may disagree by the jobs in flight at that instant, but
-/// `jobs_completed + jobs_failed <= jobs_submitted` always holds. Jobs submitted from a callback or
-/// coroutine that one of the batcher's batches resumes are counted in `jobs_submitted` when that batch
-/// is over (at once on the submitting thread itself): another thread may see them late, never early.
+/// `jobs_completed + jobs_failed <= jobs_submitted` always holds.
 struct Stats {
   std::uint64_t jobs_submitted = 0;       ///< accepted by submit / execute_job
   std::uint64_t jobs_completed = 0;       ///< ended with a result

@@ -108,24 +108,6 @@ public:
     return full;
   }
 
-  /// True if the jobs must be counted one by one, with their weights (`count_arrival`); otherwise a
-  /// thread may count several at once (`count_arrivals`). Lock-free.
-  [[nodiscard]] bool weighed() const noexcept { return weighed_; }
-
-  /// Counts `published` jobs, published earlier but not counted yet, at once (not `weighed`). True if
-  /// they fill the forming batch: the caller must run a forming pass. Lock-free.
-  bool count_arrivals(std::uint64_t published) noexcept {
-    const std::uint64_t count = arrivals_.fetch_add(published, std::memory_order_seq_cst) + published;
-    return count >= fill_at_.load(std::memory_order_seq_cst) &&
-           fill_at_.exchange(never, std::memory_order_seq_cst) != never;
-  }
-
-  /// A hint for a thread that puts off counting its jobs: true if `uncounted` more arrivals would fill
-  /// the forming batch now (it should count them). Two loads, no store. Lock-free.
-  [[nodiscard]] bool would_fill(std::uint64_t uncounted) const noexcept {
-    return arrivals_.load(std::memory_order_relaxed) + uncounted >= fill_at_.load(std::memory_order_relaxed);
-  }
-
   /// Jobs counted so far. Lock-free.
   [[nodiscard]] std::uint64_t arrivals() const noexcept { return arrivals_.load(std::memory_order_acquire); }
 
@@ -257,11 +239,11 @@ private:
   std::atomic<std::size_t> max_weight_;         // written under mutex_, read anywhere (weigh: the job limit)
 
   inbox<Node> inbox_;
-  alignas(64) std::atomic<std::uint64_t> arrivals_{0};       // jobs published and counted, ever
-  alignas(64) std::atomic<std::uint64_t> fill_at_{0};        // arrivals_ value that fills the forming batch
-  alignas(64) std::atomic<std::uint64_t> weight_arrived_{0}; // with a weight limit: weight counted, ever
-  std::atomic<std::uint64_t> deadline_pushes_{0};            // jobs with a deadline published, ever
-  std::atomic<std::uint64_t> weight_fill_at_{never};         // weight_arrived_ value that fills it
+  alignas(64) std::atomic<std::uint64_t> arrivals_{0};        // jobs published and counted, ever
+  alignas(64) std::atomic<std::uint64_t> fill_at_{0};         // arrivals_ value that fills the forming batch
+  alignas(64) std::atomic<std::uint64_t> weight_arrived_{0};  // with a weight limit: weight counted, ever
+  std::atomic<std::uint64_t> weight_fill_at_{never};          // weight_arrived_ value that fills it
+  alignas(64) std::atomic<std::uint64_t> deadline_pushes_{0}; // jobs with a deadline published, ever
 
   std::mutex mutex_;
   job_list<Node> forming_;                           // guarded by mutex_

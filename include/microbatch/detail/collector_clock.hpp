@@ -43,6 +43,9 @@ public:
     return source_ != nullptr ? source_->now() : std::chrono::steady_clock::now();
   }
 
+  /// True for `std::chrono::steady_clock` (no `Options::clock`). Thread-safe.
+  [[nodiscard]] bool real_time() const noexcept { return source_ == nullptr; }
+
   /// Makes sure the collector looks again no later than `when`: lowers the plan and wakes the collector
   /// if `when` is sooner than it. Thread-safe; lock-free unless it wakes.
   void wake_by(time_point when) noexcept {
