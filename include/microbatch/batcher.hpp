@@ -1061,7 +1061,8 @@ private:
   detail::ready_queue<node_type> ready_{options_.max_concurrent_batches};
   std::atomic<bool> sweep_requested_{false};        // a queued job was cancelled: the collector drops it
   std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
-  // Its own cache line: a worker reads it for every job, and every submit adds to enqueues_returned_
+  // Its own cache line: a worker reads it for every job, and every submit made outside this batcher's
+  // own batches adds to enqueues_returned_
   // (sharing a line cost W2cb's submitter a third of its time in admit_and_enqueue).
   alignas(64) runner_link runner_link_{*this};
 

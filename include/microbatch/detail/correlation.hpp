@@ -153,10 +153,14 @@ public:
     return no_match;
   }
 
-  [[nodiscard]] std::size_t match(const Result& result, std::size_t, std::size_t) const noexcept {
+  [[nodiscard]] std::size_t match(const Result& result, std::size_t position, std::size_t) const noexcept {
     try {
       const result_key key = std::invoke(result_id_, result); // alive while the lookup uses it
-      return find(as_lookup(key));
+      // Many processors answer in the jobs' order: then the job at the result's position has its ID
+      // (IDs in keys_ are unique), and no hashing is needed.
+      const key_type& lookup = as_lookup(key);
+      if (position < keys_.size() && as_lookup(keys_[position]) == lookup) return position;
+      return find(lookup);
     } catch (...) { // a result whose ID cannot be read (or hashed) answers no job
       return no_match;
     }
