@@ -19,7 +19,8 @@ namespace microbatch::detail {
 enum class dispatch_reason { size, delay, flush };
 
 /// The forming batch. Submitters leave jobs in a lock-free inbox (one compare-exchange) and count them
-/// (one fetch-add); nothing else happens per job. The submitter whose job makes the forming batch
+/// (one fetch-add; a job with a deadline one more, see `deadline_pushes`); nothing else happens per
+/// job. The submitter whose job makes the forming batch
 /// reach `max_batch_size` is told so by `count_arrival` and runs a forming pass itself, on its own
 /// thread (`take_arrivals` under `mutex()`): it moves the inbox into the forming batch and hands out
 /// every full batch. The collector runs the same pass for the delay, deadlines, flush and shutdown.
