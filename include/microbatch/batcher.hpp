@@ -272,8 +272,8 @@ public:
     const auto lease = callback_slots_.acquire();
     detail::callback_node<Job, Result>* node = nullptr;
     try {
-      node = ::new (lease.memory) detail::callback_node<Job, Result>(std::move(job), std::forward<F>(on_complete),
-                                                                     callback_home_, lease.pooled);
+      node = detail::callback_node<Job, Result>::create(lease.memory, std::move(job), std::forward<F>(on_complete),
+                                                        callback_home_, lease.pooled);
     } catch (...) {
       callback_slots_.release(lease);
       throw;

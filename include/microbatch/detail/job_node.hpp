@@ -370,8 +370,28 @@ public:
 
   static constexpr std::size_t inline_bytes = 48;
 
-  /// Built by placement new in memory from the owner's pool (`pooled`) or from operator new; when the
-  /// node ends, it gives that memory back to `owner`.
+  /// A node built in `memory` (at least `sizeof(callback_node)` bytes, suitably aligned) from the
+  /// owner's pool (`pooled`) or from operator new; when the node ends, it gives that memory back to
+  /// `owner`. The only way to make one: a node never lives anywhere else. Throws what moving the job
+  /// or the callable throws (then `memory` is still the caller's).
+  template <class F>
+  static callback_node* create(void* memory, Job&& submitted, F&& on_complete, home& owner, bool pooled) {
+    return ::new (memory) callback_node(std::move(submitted), std::forward<F>(on_complete), owner, pooled);
+  }
+
+  void finish(Result&& value) noexcept override {
+    try {
+      call_back(Outcome<Result>(std::move(value)));
+    } catch (...) { // Result's move constructor threw while building the Outcome
+      call_back(Outcome<Result>(std::current_exception()));
+    }
+  }
+  void finish(std::exception_ptr error) noexcept override { call_back(Outcome<Result>(std::move(error))); }
+
+  /// Ends the node without calling the callable (the submit that made it failed).
+  void discard() noexcept { destroy(); }
+
+private:
   template <class F>
   // NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init): storage_ stays raw until used
   callback_node(Job&& submitted, F&& on_complete, home& owner, bool pooled)
@@ -401,19 +421,6 @@ public:
     }
   }
 
-  void finish(Result&& value) noexcept override {
-    try {
-      call_back(Outcome<Result>(std::move(value)));
-    } catch (...) { // Result's move constructor threw while building the Outcome
-      call_back(Outcome<Result>(std::current_exception()));
-    }
-  }
-  void finish(std::exception_ptr error) noexcept override { call_back(Outcome<Result>(std::move(error))); }
-
-  /// Ends the node without calling the callable (the submit that made it failed).
-  void discard() noexcept { destroy(); }
-
-private:
   void call_back(Outcome<Result>&& outcome) noexcept {
     try {
       call_(storage_, &outcome);
