@@ -39,7 +39,10 @@
 
 #include "baseline/baseline_batcher.hpp"
 
-// ---- heap accounting: every operator new in the process is counted ----
+// ---- heap accounting: while `counting` is on, every operator new in the process is counted ----
+// Only the memory runs of W2 and W2cb turn it on, and they are not timed: the counting costs atomic
+// read-modify-writes per allocation (several, on lines all threads share), which slowed the side that
+// allocates per job (the baseline, by design) in every workload when it was always on.
 namespace heap {
 std::atomic<std::uint64_t> allocations{0};
 std::atomic<std::uint64_t> bytes{0};
@@ -47,7 +50,9 @@ std::atomic<std::int64_t> live{0};
 std::atomic<std::int64_t> peak{0};
 std::atomic<bool> track_peak{false};
 
+std::atomic<bool> counting{false};
 inline void on_alloc(void* p) {
+  if (!counting.load(std::memory_order_relaxed)) return;
   const auto size = static_cast<std::int64_t>(malloc_usable_size(p));
   allocations.fetch_add(1, std::memory_order_relaxed);
   bytes.fetch_add(static_cast<std::uint64_t>(size), std::memory_order_relaxed);
@@ -59,7 +64,7 @@ inline void on_alloc(void* p) {
   }
 }
 inline void on_free(void* p) {
-  if (p != nullptr && track_peak.load(std::memory_order_relaxed))
+  if (p != nullptr && counting.load(std::memory_order_relaxed) && track_peak.load(std::memory_order_relaxed))
     live.fetch_sub(static_cast<std::int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
 }
 } // namespace heap
@@ -149,6 +154,11 @@ void start_memory_watch() {
   heap::live = 0;
   heap::peak = 0;
   heap::track_peak = true;
+  heap::counting = true;
+}
+void stop_memory_watch() {
+  heap::counting = false;
+  heap::track_peak = false;
 }
 
 double peak_rss_kib() {
@@ -217,30 +227,39 @@ template <class B> void w1_closed_loop(benchmark::State& state) {
   record(state, w, impl_name<B>(), "ctx switches/batch", switches / batches, false);
 }
 
+// W2 with its own batcher; false if a result was wrong. The caller times it, or watches its memory.
+template <class B> bool w2_run(std::vector<std::future<Result>>& futures, std::size_t jobs) {
+  futures.clear();
+  B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
+  for (std::size_t i = 0; i < jobs; ++i)
+    futures.push_back(batcher.submit({i}));
+  bool wrong = false;
+  for (std::size_t i = 0; i < jobs; ++i)
+    wrong |= futures[i].get().id != i;
+  return !wrong;
+}
+
+// Each iteration runs W2 twice: timed (no heap accounting), then untimed with the heap watched.
 template <class B> void w2_open_loop(benchmark::State& state) {
   const std::size_t jobs = smoke ? 5000 : 1000000;
   double total_s = 0, total_jobs = 0, allocations = 0, bytes = 0, peak_bytes = 0, rss_kib = 0;
   std::vector<std::future<Result>> futures;
   futures.reserve(jobs);
   for (auto _ : state) {
-    futures.clear();
-    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
+    const auto t0 = clock_type::now();
+    bool right = w2_run<B>(futures, jobs);
+    const double elapsed = seconds_between(t0, clock_type::now());
+    futures.clear(); // before the watch: freeing what the timed run allocated is not this run's
     start_memory_watch();
     const auto allocations_before = heap::allocations.load();
     const auto bytes_before = heap::bytes.load();
-    const auto t0 = clock_type::now();
-    for (std::size_t i = 0; i < jobs; ++i)
-      futures.push_back(batcher.submit({i}));
-    bool wrong = false;
-    for (std::size_t i = 0; i < jobs; ++i)
-      wrong |= futures[i].get().id != i;
-    const double elapsed = seconds_between(t0, clock_type::now());
-    heap::track_peak = false;
+    right = w2_run<B>(futures, jobs) && right;
+    stop_memory_watch();
     allocations += double(heap::allocations.load() - allocations_before);
     bytes += double(heap::bytes.load() - bytes_before);
     peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
     rss_kib = std::max(rss_kib, peak_rss_kib());
-    if (wrong) state.SkipWithError("wrong result");
+    if (!right) state.SkipWithError("wrong result");
     state.SetIterationTime(elapsed);
     total_s += elapsed;
     total_jobs += double(jobs);
@@ -547,36 +566,44 @@ template <class B> void w4co(benchmark::State& state) {
 
 // W2cb: one thread submits 1,000,000 jobs, each with a small callback that checks the id and counts;
 // then waits until every callback ran. Size 1000, delay 10 ms. Heap per pending job as in W5.
+// W2cb with its own batcher; false if a callback saw a wrong result or one did not run. The caller
+// times it, or watches its memory. Fills in the context switches per batch.
+template <class B> bool w2cb_run(std::size_t jobs, double& switches, double& batches) {
+  B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
+  struct tally {
+    explicit tally(std::size_t jobs) : all_ran(static_cast<std::ptrdiff_t>(jobs)) {}
+    std::atomic<std::size_t> ran{0}, wrong{0};
+    std::latch all_ran;
+  } counts(jobs);
+  const double switches_before = context_switches();
+  // 16 bytes of captures: std::function (the baseline's callback) keeps them without allocating.
+  for (std::size_t i = 0; i < jobs; ++i)
+    batcher.submit({i}, [counts = &counts, i](microbatch::Outcome<Result>&& outcome) {
+      if (!outcome.has_value() || outcome.value().id != i) counts->wrong.fetch_add(1, std::memory_order_relaxed);
+      counts->ran.fetch_add(1, std::memory_order_relaxed);
+      counts->all_ran.count_down();
+    });
+  counts.all_ran.wait();
+  switches += context_switches() - switches_before;
+  batches += double(batcher.stats().batches);
+  return counts.wrong.load() == 0 && counts.ran.load() == jobs;
+}
+
+// Each iteration runs W2cb twice: timed (no heap accounting), then untimed with the heap watched.
 template <class B> void w2cb(benchmark::State& state) {
   const std::size_t jobs = smoke ? 5000 : 1000000;
   double total_s = 0, total_jobs = 0, peak_bytes = 0, rss_kib = 0, switches = 0, batches = 0;
   for (auto _ : state) {
-    B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
-    start_memory_watch();
-    struct tally {
-      explicit tally(std::size_t jobs) : all_ran(static_cast<std::ptrdiff_t>(jobs)) {}
-      std::atomic<std::size_t> ran{0}, wrong{0};
-      std::latch all_ran;
-    } counts(jobs);
-    const double switches_before = context_switches();
     const auto t0 = clock_type::now();
-    // 16 bytes of captures: std::function (the baseline's callback) keeps them without allocating.
-    for (std::size_t i = 0; i < jobs; ++i)
-      batcher.submit({i}, [counts = &counts, i](microbatch::Outcome<Result>&& outcome) {
-        if (!outcome.has_value() || outcome.value().id != i) counts->wrong.fetch_add(1, std::memory_order_relaxed);
-        counts->ran.fetch_add(1, std::memory_order_relaxed);
-        counts->all_ran.count_down();
-      });
-    counts.all_ran.wait();
-    std::atomic<std::size_t>& ran = counts.ran;
-    std::atomic<std::size_t>& wrong = counts.wrong;
+    bool right = w2cb_run<B>(jobs, switches, batches);
     const double elapsed = seconds_between(t0, clock_type::now());
-    switches += context_switches() - switches_before;
-    batches += double(batcher.stats().batches);
-    heap::track_peak = false;
+    double ignored_switches = 0, ignored_batches = 0;
+    start_memory_watch();
+    right = w2cb_run<B>(jobs, ignored_switches, ignored_batches) && right;
+    stop_memory_watch();
     peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
     rss_kib = std::max(rss_kib, peak_rss_kib());
-    if (wrong.load() != 0 || ran.load() != jobs) state.SkipWithError("wrong result");
+    if (!right) state.SkipWithError("wrong result");
     state.SetIterationTime(elapsed);
     total_s += elapsed;
     total_jobs += double(jobs);
