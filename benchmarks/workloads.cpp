@@ -227,15 +227,18 @@ template <class B> void w1_closed_loop(benchmark::State& state) {
   record(state, w, impl_name<B>(), "ctx switches/batch", switches / batches, false);
 }
 
-// W2 with its own batcher; false if a result was wrong. The caller times it, or watches its memory.
-template <class B> bool w2_run(std::vector<std::future<Result>>& futures, std::size_t jobs) {
+// W2 with its own batcher; false if a result was wrong. `elapsed`: from the first submit until the
+// last result was read (the batcher's start and shutdown are not timed).
+template <class B> bool w2_run(std::vector<std::future<Result>>& futures, std::size_t jobs, double& elapsed) {
   futures.clear();
   B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
+  const auto t0 = clock_type::now();
   for (std::size_t i = 0; i < jobs; ++i)
     futures.push_back(batcher.submit({i}));
   bool wrong = false;
   for (std::size_t i = 0; i < jobs; ++i)
     wrong |= futures[i].get().id != i;
+  elapsed = seconds_between(t0, clock_type::now());
   return !wrong;
 }
 
@@ -246,14 +249,14 @@ template <class B> void w2_open_loop(benchmark::State& state) {
   std::vector<std::future<Result>> futures;
   futures.reserve(jobs);
   for (auto _ : state) {
-    const auto t0 = clock_type::now();
-    bool right = w2_run<B>(futures, jobs);
-    const double elapsed = seconds_between(t0, clock_type::now());
+    futures.clear(); // not timed: freeing what the last iteration's watched run allocated
+    double elapsed = 0, watched_elapsed = 0;
+    bool right = w2_run<B>(futures, jobs, elapsed);
     futures.clear(); // before the watch: freeing what the timed run allocated is not this run's
     start_memory_watch();
     const auto allocations_before = heap::allocations.load();
     const auto bytes_before = heap::bytes.load();
-    right = w2_run<B>(futures, jobs) && right;
+    right = w2_run<B>(futures, jobs, watched_elapsed) && right;
     stop_memory_watch();
     allocations += double(heap::allocations.load() - allocations_before);
     bytes += double(heap::bytes.load() - bytes_before);
@@ -566,9 +569,10 @@ template <class B> void w4co(benchmark::State& state) {
 
 // W2cb: one thread submits 1,000,000 jobs, each with a small callback that checks the id and counts;
 // then waits until every callback ran. Size 1000, delay 10 ms. Heap per pending job as in W5.
-// W2cb with its own batcher; false if a callback saw a wrong result or one did not run. The caller
-// times it, or watches its memory. Fills in the context switches per batch.
-template <class B> bool w2cb_run(std::size_t jobs, double& switches, double& batches) {
+// W2cb with its own batcher; false if a callback saw a wrong result or one did not run. `elapsed`:
+// from the first submit until the last callback ran (the batcher's start and shutdown are not timed).
+// Adds the run's context switches and batches.
+template <class B> bool w2cb_run(std::size_t jobs, double& elapsed, double& switches, double& batches) {
   B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
   struct tally {
     explicit tally(std::size_t jobs) : all_ran(static_cast<std::ptrdiff_t>(jobs)) {}
@@ -576,6 +580,7 @@ template <class B> bool w2cb_run(std::size_t jobs, double& switches, double& bat
     std::latch all_ran;
   } counts(jobs);
   const double switches_before = context_switches();
+  const auto t0 = clock_type::now();
   // 16 bytes of captures: std::function (the baseline's callback) keeps them without allocating.
   for (std::size_t i = 0; i < jobs; ++i)
     batcher.submit({i}, [counts = &counts, i](microbatch::Outcome<Result>&& outcome) {
@@ -584,6 +589,7 @@ template <class B> bool w2cb_run(std::size_t jobs, double& switches, double& bat
       counts->all_ran.count_down();
     });
   counts.all_ran.wait();
+  elapsed = seconds_between(t0, clock_type::now());
   switches += context_switches() - switches_before;
   batches += double(batcher.stats().batches);
   return counts.wrong.load() == 0 && counts.ran.load() == jobs;
@@ -594,12 +600,10 @@ template <class B> void w2cb(benchmark::State& state) {
   const std::size_t jobs = smoke ? 5000 : 1000000;
   double total_s = 0, total_jobs = 0, peak_bytes = 0, rss_kib = 0, switches = 0, batches = 0;
   for (auto _ : state) {
-    const auto t0 = clock_type::now();
-    bool right = w2cb_run<B>(jobs, switches, batches);
-    const double elapsed = seconds_between(t0, clock_type::now());
-    double ignored_switches = 0, ignored_batches = 0;
+    double elapsed = 0, watched_elapsed = 0, watched_switches = 0, watched_batches = 0;
+    bool right = w2cb_run<B>(jobs, elapsed, switches, batches);
     start_memory_watch();
-    right = w2cb_run<B>(jobs, ignored_switches, ignored_batches) && right;
+    right = w2cb_run<B>(jobs, watched_elapsed, watched_switches, watched_batches) && right;
     stop_memory_watch();
     peak_bytes = std::max(peak_bytes, double(heap::peak.load()));
     rss_kib = std::max(rss_kib, peak_rss_kib());
