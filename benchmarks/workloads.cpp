@@ -251,6 +251,7 @@ template <class B> void w2_open_loop(benchmark::State& state) {
   for (auto _ : state) {
     futures.clear(); // not timed: freeing what the last iteration's watched run allocated
     double elapsed = 0, watched_elapsed = 0;
+    ::malloc_trim(0); // both sides start from a trimmed heap, whatever ran before
     bool right = w2_run<B>(futures, jobs, elapsed);
     futures.clear(); // before the watch: freeing what the timed run allocated is not this run's
     start_memory_watch();
@@ -573,12 +574,12 @@ template <class B> void w4co(benchmark::State& state) {
 // from the first submit until the last callback ran (the batcher's start and shutdown are not timed).
 // Adds the run's context switches and batches.
 template <class B> bool w2cb_run(std::size_t jobs, double& elapsed, double& switches, double& batches) {
-  B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
   struct tally {
     explicit tally(std::size_t jobs) : all_ran(static_cast<std::ptrdiff_t>(jobs)) {}
     std::atomic<std::size_t> ran{0}, wrong{0};
     std::latch all_ran;
-  } counts(jobs);
+  } counts(jobs); // before the batcher: it outlives the last callback's count_down
+  B batcher(Echo{}, &Job::id, &Result::id, microbatch::Options{.max_batch_size = 1000, .max_batch_delay = 10ms});
   const double switches_before = context_switches();
   const auto t0 = clock_type::now();
   // 16 bytes of captures: std::function (the baseline's callback) keeps them without allocating.
@@ -601,6 +602,7 @@ template <class B> void w2cb(benchmark::State& state) {
   double total_s = 0, total_jobs = 0, peak_bytes = 0, rss_kib = 0, switches = 0, batches = 0;
   for (auto _ : state) {
     double elapsed = 0, watched_elapsed = 0, watched_switches = 0, watched_batches = 0;
+    ::malloc_trim(0); // both sides start from a trimmed heap, whatever ran before
     bool right = w2cb_run<B>(jobs, elapsed, switches, batches);
     start_memory_watch();
     right = w2cb_run<B>(jobs, watched_elapsed, watched_switches, watched_batches) && right;

@@ -373,7 +373,8 @@ public:
   /// A node built in `memory` (at least `sizeof(callback_node)` bytes, suitably aligned) from the
   /// owner's pool (`pooled`) or from operator new; when the node ends, it gives that memory back to
   /// `owner`. The only way to make one: a node never lives anywhere else. Throws what moving the job
-  /// or the callable throws (then `memory` is still the caller's).
+  /// or moving (copying, for an lvalue) the callable throws, and `std::bad_alloc` for a callable too
+  /// big for the node; then no node was made and `memory` is still the caller's.
   template <class F>
   static callback_node* create(void* memory, Job&& submitted, F&& on_complete, home& owner, bool pooled) {
     return ::new (memory) callback_node(std::move(submitted), std::forward<F>(on_complete), owner, pooled);
