@@ -1,17 +1,23 @@
 // The batcher's parts on their own: admission, batch forming, the collector's clock, the ready queue,
-// the histogram, the callback slot pool.
+// the histogram and the counters, the callback slot pool and a batch's scope, the runner pool.
 #include <catch2/catch.hpp>
 
 #include <microbatch/detail/admission.hpp>
 #include <microbatch/detail/batch_forming.hpp>
+#include <microbatch/detail/batch_runner.hpp>
+#include <microbatch/detail/batch_scope.hpp>
 #include <microbatch/detail/collector_clock.hpp>
+#include <microbatch/detail/counters.hpp>
 #include <microbatch/detail/histogram.hpp>
 #include <microbatch/detail/ready_queue.hpp>
 #include <microbatch/detail/slot_pool.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <set>
 #include <vector>
 
@@ -358,4 +364,112 @@ TEST_CASE("slot pool: gathered slots come back together, none lost or handed out
   // The next slot comes from a new slab.
   void* beyond = pool.acquire().memory;
   CHECK_FALSE(std::binary_search(all.begin(), all.end(), beyond, std::less<>()));
+}
+
+TEST_CASE("counters: each trigger and failure counts where Stats says; ends are read before arrivals", "[parts]") {
+  using microbatch::Trigger;
+  using microbatch::detail::failure;
+  microbatch::detail::counters counters;
+  for (Trigger why : {Trigger::size, Trigger::size, Trigger::delay, Trigger::flush, Trigger::shutdown, Trigger::idle,
+                      Trigger::weight})
+    counters.dispatched(why);
+  counters.completed();
+  counters.completed(4);
+  counters.failed(failure::expired);
+  counters.failed(failure::cancelled);
+  counters.failed(failure::other);
+  counters.rejected().fetch_add(2);
+  counters.processed({Trigger::size, 2, 2, 0, 1ms, 3ms});
+  counters.processed({Trigger::delay, 6, 6, 1, 1ms, 3ms});
+  counters.uncorrelated(3);
+  counters.coalesced(2);
+  counters.observer_threw();
+  counters.callback_threw();
+
+  // A job that ends while the snapshot is taken (here: between reading the ends and the arrivals) is
+  // counted as accepted but not yet as ended, never the other way round.
+  const microbatch::Stats s = counters.snapshot([&] {
+    counters.completed();
+    return std::uint64_t{10};
+  });
+  CHECK(s.jobs_completed == 5);
+  CHECK(s.jobs_failed == 3);
+  CHECK(s.jobs_submitted == 10);
+  CHECK(s.pending_jobs == 2);
+  CHECK(s.jobs_expired == 1);
+  CHECK(s.jobs_cancelled == 1);
+  CHECK(s.jobs_rejected == 2);
+  CHECK(s.batches_full == 2);
+  CHECK(s.batches_timed_out == 1);
+  CHECK(s.batches_flushed == 2);
+  CHECK(s.batches_idle == 1);
+  CHECK(s.batches_weight == 1);
+  CHECK(s.batches == 7);
+  CHECK(s.batch_size_mean == 4.0);
+  CHECK(s.batch_size_max == 6);
+  CHECK(s.processing_time.max == 3ms);
+  CHECK(s.uncorrelated_results == 3);
+  CHECK(s.jobs_coalesced == 2);
+  CHECK(s.observer_errors == 1);
+  CHECK(s.callback_errors == 1);
+  // Arrivals read as fewer than the ends (they are counted apart): submitted is at least the ends.
+  const microbatch::Stats late = counters.snapshot([] { return std::uint64_t{0}; });
+  CHECK(late.jobs_submitted == late.jobs_completed + late.jobs_failed);
+  CHECK(late.pending_jobs == 0);
+}
+
+TEST_CASE("batch scope: the innermost scope of its owner saves slots and counts until it ends", "[parts]") {
+  using pool_type = microbatch::detail::slot_pool<48, 8>;
+  using scope = microbatch::detail::batch_scope<pool_type>;
+  pool_type pool;
+  std::atomic<std::uint64_t> returned{0};
+  const int owner = 0;
+  const int other = 0;
+  CHECK(scope::of_thread(&owner) == nullptr);
+  void* slot = pool.acquire().memory;
+  {
+    scope outer(&owner, pool, returned);
+    REQUIRE(scope::of_thread(&owner) != nullptr);
+    CHECK(scope::of_thread(&other) == nullptr);
+    ++scope::of_thread(&owner)->enqueues_returned;
+    {
+      scope inner(&other, pool, returned); // another batcher's batch run from within this one
+      CHECK(scope::of_thread(&owner) == nullptr);
+      ++scope::of_thread(&other)->enqueues_returned;
+    }
+    CHECK(returned.load() == 1); // the inner scope's, at its end
+    REQUIRE(scope::of_thread(&owner) != nullptr);
+    ++scope::of_thread(&owner)->enqueues_returned;
+    pool.gather({slot, true}, scope::of_thread(&owner)->slots);
+    CHECK(returned.load() == 1);
+    CHECK(pool.acquire().memory != slot); // still gathered, not yet free
+  }
+  CHECK(scope::of_thread(&owner) == nullptr);
+  CHECK(returned.load() == 3);
+  CHECK(pool.acquire().memory == slot); // given back when the scope ended
+}
+
+TEST_CASE("runner pool: a given-back runner is taken again; a failing factory gives null", "[parts]") {
+  struct runner final : microbatch::detail::batch_runner<int, int> {
+    void run(microbatch::detail::job_list<node_type>&) override {}
+  };
+  microbatch::detail::runner_pool<int, int> pool;
+  int made = 0;
+  bool fail = false;
+  pool.set_factory([&]() -> std::unique_ptr<microbatch::detail::batch_runner<int, int>> {
+    if (fail) throw std::bad_alloc();
+    ++made;
+    return std::make_unique<runner>();
+  });
+  auto first = pool.take();
+  REQUIRE(first);
+  CHECK(made == 1);
+  auto* const first_address = first.get();
+  pool.give_back(std::move(first));
+  fail = true;
+  auto again = pool.take();
+  CHECK(again.get() == first_address);
+  CHECK(made == 1);
+  CHECK(pool.take() == nullptr); // none spare, and none can be made
+  CHECK_THROWS_AS(pool.make(), std::bad_alloc);
 }

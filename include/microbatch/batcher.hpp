@@ -38,9 +38,10 @@
 #include "detail/batch_forming.hpp"
 #include "detail/batch_queue.hpp"
 #include "detail/batch_runner.hpp"
+#include "detail/batch_scope.hpp"
 #include "detail/collector_clock.hpp"
 #include "detail/correlation.hpp"
-#include "detail/histogram.hpp"
+#include "detail/counters.hpp"
 #include "detail/job_node.hpp"
 #include "detail/ready_queue.hpp"
 #include "detail/slot_pool.hpp"
@@ -429,32 +430,7 @@ public:
 
   /// A snapshot of the counters. Never blocks. Thread-safe.
   [[nodiscard]] Stats stats() const {
-    Stats s;
-    // Ended counters first: a job is counted as accepted before it can end, so this order keeps
-    // completed + failed <= submitted.
-    s.jobs_completed = jobs_completed_.load(std::memory_order_acquire);
-    s.jobs_failed = jobs_failed_.load(std::memory_order_acquire);
-    s.jobs_expired = jobs_expired_.load(std::memory_order_relaxed);
-    s.jobs_cancelled = jobs_cancelled_.load(std::memory_order_relaxed);
-    s.jobs_rejected = jobs_rejected_.load(std::memory_order_relaxed);
-    s.jobs_submitted = std::max(forming_.arrivals(), s.jobs_completed + s.jobs_failed);
-    s.pending_jobs = s.jobs_submitted - s.jobs_completed - s.jobs_failed;
-    s.batches_full = batches_full_.load(std::memory_order_relaxed);
-    s.batches_timed_out = batches_timed_out_.load(std::memory_order_relaxed);
-    s.batches_flushed = batches_flushed_.load(std::memory_order_relaxed);
-    s.batches_idle = batches_idle_.load(std::memory_order_relaxed);
-    s.batches_weight = batches_weight_.load(std::memory_order_relaxed);
-    s.batches = s.batches_full + s.batches_timed_out + s.batches_flushed + s.batches_idle + s.batches_weight;
-    s.jobs_coalesced = jobs_coalesced_.load(std::memory_order_relaxed);
-    s.observer_errors = observer_errors_.load(std::memory_order_relaxed);
-    const auto calls = processor_calls_.load(std::memory_order_relaxed);
-    s.batch_size_mean = calls == 0 ? 0.0 : double(jobs_processed_.load(std::memory_order_relaxed)) / double(calls);
-    s.batch_size_max = batch_size_max_.load(std::memory_order_relaxed);
-    s.queue_wait = queue_wait_.percentiles();
-    s.processing_time = processing_time_.percentiles();
-    s.uncorrelated_results = uncorrelated_results_.load(std::memory_order_relaxed);
-    s.callback_errors = callback_errors_.load(std::memory_order_relaxed);
-    return s;
+    return counters_.snapshot([this] { return forming_.arrivals(); });
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -526,7 +502,7 @@ private:
 
   void start(std::function<std::unique_ptr<detail::batch_runner<Job, Result>>()> make_runner) {
     callback_home_.owner = this;
-    make_runner_ = std::move(make_runner);
+    runners_.set_factory(std::move(make_runner));
     try {
       {
         std::lock_guard lock(threads_mutex_);
@@ -551,7 +527,7 @@ private:
     workers_.reserve(count);
     while (workers_.size() < count)
       workers_.emplace_back(
-          [this, runner = std::shared_ptr<detail::batch_runner<Job, Result>>(make_runner_())] { work(*runner); });
+          [this, runner = std::shared_ptr<runner_type>(runners_.make())] { work(*runner); });
   }
 
   /// Joins every worker; `reconfigure` starts no more.
@@ -581,7 +557,7 @@ private:
   template <class StopToken = detail::never_stops>
   void admit_and_enqueue(node_type* job, const StopToken& stop = {}, bool caller_waits = false) {
     if constexpr (has_weight) weigh(*job);
-    job->admission_counted = admission_.reserve(jobs_rejected_, current_batcher() == this, stop);
+    job->admission_counted = admission_.reserve(counters_.rejected(), current_batcher() == this, stop);
     enqueue(job, caller_waits);
   }
 
@@ -602,12 +578,11 @@ private:
     // From here the job may end at any moment on another thread, and a callback or coroutine that
     // completes it may let its owner shut down and destroy the batcher while this call still runs:
     // `shutdown` waits until every call that published a job has counted itself out here, last (on a
-    // thread running one of this batcher's batches, into that batch's scope: see running_batch).
+    // thread running one of this batcher's batches, into that batch's scope: see detail::batch_scope).
     struct count_out {
       Batcher& owner;
       ~count_out() {
-        running_batch* running = running_batch_of_thread();
-        if (running != nullptr && running->owner == &owner) {
+        if (auto* running = batch_scope::of_thread(&owner)) {
           ++running->enqueues_returned;
         } else {
           owner.enqueues_returned_.fetch_add(1, std::memory_order_release);
@@ -672,7 +647,7 @@ private:
       if (dispatch_when_idle_.load(std::memory_order_relaxed) && !admission_.closed() && !forming_.empty() &&
           collector_of_thread() != this && ready_.try_borrow_slot()) {
         if (forming_.holds_only_signalled(mine)) { // walked only with the slot in hand: rare under load
-          count_dispatch(Trigger::idle);
+          counters_.dispatched(Trigger::idle);
           jobs = forming_.cut(Trigger::idle);
           forming_.take_arrivals(now(), full);
         } else {
@@ -692,7 +667,7 @@ private:
         owner.ready_.end_borrow();
       }
     } slot{*this};
-    std::unique_ptr<runner_type> runner = take_spare_runner();
+    std::unique_ptr<runner_type> runner = runners_.take();
     if (!runner) { // out of memory for a runner: the batch fails (pushing it now could outlive shutdown)
       const std::exception_ptr error = std::make_exception_ptr(std::bad_alloc());
       jobs.for_each([&](node_type* job) { end_job(job, error, failure::other); });
@@ -703,37 +678,11 @@ private:
         const void* previous;
         ~batcher_thread() { current_batcher() = previous; }
       } mark{std::exchange(current_batcher(), this)};
-      batch_scope running{*this};
+      batch_scope running{this, callback_slots_, enqueues_returned_};
       runner->run(jobs);
     }
-    give_back_runner(std::move(runner));
+    runners_.give_back(std::move(runner));
     return true;
-  }
-
-  /// A runner for a caller that runs a batch (`run_for_caller`): a spare one, or a new one; null if
-  /// none could be made. There are never more than the processor slots in use at once.
-  std::unique_ptr<runner_type> take_spare_runner() noexcept {
-    {
-      std::lock_guard lock(spare_runners_mutex_);
-      if (!spare_runners_.empty()) {
-        std::unique_ptr<runner_type> runner = std::move(spare_runners_.back());
-        spare_runners_.pop_back();
-        return runner;
-      }
-    }
-    try {
-      return make_runner_();
-    } catch (...) {
-      return nullptr;
-    }
-  }
-
-  void give_back_runner(std::unique_ptr<runner_type> runner) noexcept {
-    std::lock_guard lock(spare_runners_mutex_);
-    try {
-      spare_runners_.push_back(std::move(runner));
-    } catch (...) { // out of memory: the runner is destroyed here, and a new one made next time
-    }
   }
 
   /// Dispatch when idle, on a worker about to sleep with jobs waiting: it takes the forming batch
@@ -747,7 +696,7 @@ private:
     // Not once shutdown began: the collector ends what is left (Shutdown::cancel fails it).
     if (dispatch_when_idle_.load(std::memory_order_relaxed) && !admission_.closed() && !forming_.empty() &&
         ready_.empty()) {
-      count_dispatch(Trigger::idle);
+      counters_.dispatched(Trigger::idle);
       taken = forming_.cut();
       taken.trigger = Trigger::idle;
       forming_.take_arrivals(now(), full);
@@ -765,30 +714,9 @@ private:
 
   /// (forming mutex held) Queues a formed batch for a worker.
   void dispatch(batch formed, Trigger why) {
-    count_dispatch(why);
+    counters_.dispatched(why);
     formed.trigger = why;
     ready_.push(formed);
-  }
-
-  void count_dispatch(Trigger why) noexcept {
-    switch (why) {
-    case Trigger::size:
-      batches_full_.fetch_add(1, std::memory_order_relaxed);
-      break;
-    case Trigger::weight:
-      batches_weight_.fetch_add(1, std::memory_order_relaxed);
-      break;
-    case Trigger::delay:
-      batches_timed_out_.fetch_add(1, std::memory_order_relaxed);
-      break;
-    case Trigger::flush:
-    case Trigger::shutdown:
-      batches_flushed_.fetch_add(1, std::memory_order_relaxed);
-      break;
-    case Trigger::idle:
-      batches_idle_.fetch_add(1, std::memory_order_relaxed);
-      break;
-    }
   }
 
   void begin_shutdown(Shutdown how) {
@@ -801,14 +729,14 @@ private:
 
   void end_job(node_type* job, Result&& value) noexcept {
     if (!job->try_claim()) return job->abandon();
-    jobs_completed_.fetch_add(1, std::memory_order_release);
+    counters_.completed();
     admission_.release(job->admission_counted);
     job->finish(std::move(value));
   }
 
   void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept {
     if (!job->try_claim()) return job->abandon();
-    count_failure(cause);
+    counters_.failed(cause);
     admission_.release(job->admission_counted);
     job->finish(std::move(error));
   }
@@ -829,16 +757,10 @@ private:
   /// its place back, and has the collector drop the job from the queue now rather than when its batch
   /// is dispatched. The caller then calls `end_cancel` and delivers `cancelled` to itself. Any thread.
   void cancelled_by_caller(node_type* job) noexcept {
-    count_failure(failure::cancelled);
+    counters_.failed(failure::cancelled);
     admission_.release(job->admission_counted);
     sweep_requested_.store(true, std::memory_order_release);
     clock_.wake();
-  }
-
-  void count_failure(failure cause) noexcept {
-    if (cause == failure::expired) jobs_expired_.fetch_add(1, std::memory_order_relaxed);
-    if (cause == failure::cancelled) jobs_cancelled_.fetch_add(1, std::memory_order_relaxed);
-    jobs_failed_.fetch_add(1, std::memory_order_release);
   }
 
   [[nodiscard]] time_point now() const noexcept {
@@ -853,7 +775,7 @@ private:
     std::vector<Result> call_processor(std::span<Job> jobs) override { return std::invoke(owner.processor_, jobs); }
     void end_job(node_type* job, Result&& value) noexcept override { owner.end_job(job, std::move(value)); }
     void count_completed(std::uint64_t jobs) noexcept override {
-      owner.jobs_completed_.fetch_add(jobs, std::memory_order_release);
+      owner.counters_.completed(jobs);
     }
     void finish_claimed(node_type* job, Result&& value) noexcept override {
       owner.admission_.release(job->admission_counted);
@@ -863,11 +785,11 @@ private:
       owner.end_job(job, std::move(error), cause);
     }
     void count_uncorrelated(std::uint64_t results) noexcept override {
-      owner.uncorrelated_results_.fetch_add(results, std::memory_order_relaxed);
+      owner.counters_.uncorrelated(results);
     }
     void batch_ran(const BatchInfo& info) noexcept override { owner.observe(info); }
     void count_coalesced(std::uint64_t jobs) noexcept override {
-      owner.jobs_coalesced_.fetch_add(jobs, std::memory_order_relaxed);
+      owner.counters_.coalesced(jobs);
     }
     [[nodiscard]] bool coalesce_duplicates() const noexcept override {
       return owner.coalesce_.load(std::memory_order_relaxed);
@@ -876,14 +798,7 @@ private:
 
   /// After a batch that reached the processor: the life-long figures, then `Options::on_batch`.
   void observe(const BatchInfo& info) noexcept {
-    processor_calls_.fetch_add(1, std::memory_order_relaxed);
-    jobs_processed_.fetch_add(info.size, std::memory_order_relaxed);
-    std::size_t largest = batch_size_max_.load(std::memory_order_relaxed);
-    while (info.size > largest &&
-           !batch_size_max_.compare_exchange_weak(largest, info.size, std::memory_order_relaxed)) {
-    }
-    queue_wait_.record(info.queue_wait);
-    processing_time_.record(info.processing_time);
+    counters_.processed(info);
     if (!has_on_batch_.load(std::memory_order_acquire)) return;
     std::shared_ptr<const batch_observer> on_batch;
     {
@@ -894,7 +809,7 @@ private:
     try {
       (*on_batch)(info);
     } catch (...) {
-      observer_errors_.fetch_add(1, std::memory_order_relaxed);
+      counters_.observer_threw();
     }
   }
 
@@ -1037,7 +952,7 @@ private:
       } else if (queue_emptied && admission_.closed()) {
         clock_.wake(); // a draining collector waits for this
       }
-      batch_scope running{*this};
+      batch_scope running{this, callback_slots_, enqueues_returned_};
       runner.run(jobs);
     }
   }
@@ -1067,36 +982,16 @@ private:
   // (sharing a line cost W2cb's submitter a third of its time in admit_and_enqueue).
   alignas(64) runner_link runner_link_{*this};
 
-  // Counters (Stats).
-  alignas(64) std::atomic<std::uint64_t> jobs_completed_{0};
-  std::atomic<std::uint64_t> jobs_failed_{0};
-  std::atomic<std::uint64_t> jobs_expired_{0};
-  std::atomic<std::uint64_t> jobs_cancelled_{0};
-  std::atomic<std::uint64_t> jobs_rejected_{0};
-  std::atomic<std::uint64_t> batches_full_{0};
-  std::atomic<std::uint64_t> batches_timed_out_{0};
-  std::atomic<std::uint64_t> batches_flushed_{0};
-  std::atomic<std::uint64_t> batches_idle_{0};
-  std::atomic<std::uint64_t> batches_weight_{0};
-  std::atomic<std::uint64_t> jobs_coalesced_{0};
-  std::atomic<std::uint64_t> observer_errors_{0};
-  std::atomic<std::uint64_t> processor_calls_{0};
-  std::atomic<std::uint64_t> jobs_processed_{0};
-  std::atomic<std::size_t> batch_size_max_{0};
-  detail::histogram queue_wait_;
-  detail::histogram processing_time_;
-  std::atomic<std::uint64_t> uncorrelated_results_{0};
-  std::atomic<std::uint64_t> callback_errors_{0};
+  detail::counters counters_; // Stats
 
   // Slots for callback submits' nodes (the batcher owns those nodes; callers keep nothing).
   using callback_node_type = detail::callback_node<Job, Result>;
   struct callback_home final : callback_node_type::home {
     Batcher* owner = nullptr;
-    void callback_threw() noexcept override { owner->callback_errors_.fetch_add(1, std::memory_order_relaxed); }
+    void callback_threw() noexcept override { owner->counters_.callback_threw(); }
     void recycle(void* memory, bool pooled) noexcept override {
-      running_batch* current = running_batch_of_thread();
-      if (current != nullptr && current->owner == owner) {
-        owner->callback_slots_.gather({memory, pooled}, current->slots);
+      if (auto* running = batch_scope::of_thread(owner)) {
+        owner->callback_slots_.gather({memory, pooled}, running->slots);
       } else {
         owner->callback_slots_.release({memory, pooled});
       }
@@ -1106,52 +1001,14 @@ private:
   callback_pool callback_slots_;
   callback_home callback_home_;
 
-  // What a thread that runs one of this batcher's batches (a worker, or a caller that borrowed a
-  // processor slot) saves up until the batch is over, instead of one atomic operation per job:
-  //  - the slots of the callback nodes it ends, given back to the pool with one compare-exchange (the
-  //    submitters on another core would otherwise fight over the pool's head for each: W2cb); any
-  //    other thread that ends a callback node (the collector: expired, or cancelled by shutdown; a
-  //    submit that failed, unless made from within one of this batcher's batches) gives its slot back
-  //    at once;
-  //  - the count of its own `enqueue` calls that returned (the coroutines it resumes and the callbacks
-  //    it runs submit the next jobs on this thread: W1co, W4co), added to `enqueues_returned_` once.
-  //    `shutdown` reads that count only after every worker has been joined and every borrowed slot
-  //    given back, which is after this scope ended.
-  struct running_batch {
-    const Batcher* owner;
-    typename callback_pool::gathered slots;
-    std::uint64_t enqueues_returned = 0;
-  };
-  static running_batch*& running_batch_of_thread() noexcept {
-    thread_local running_batch* current = nullptr; // this thread's, while it runs a batch
-    return current;
-  }
-  /// Scope of one batch on its runner's thread; nests (a callback may run another batcher's batch).
-  class batch_scope {
-  public:
-    explicit batch_scope(Batcher& owner) noexcept
-        : owner_(owner), mine_{&owner, {}}, previous_(std::exchange(running_batch_of_thread(), &mine_)) {}
-    batch_scope(const batch_scope&) = delete;
-    batch_scope& operator=(const batch_scope&) = delete;
-    ~batch_scope() {
-      running_batch_of_thread() = previous_;
-      owner_.callback_slots_.release_gathered(mine_.slots);
-      if (mine_.enqueues_returned != 0)
-        owner_.enqueues_returned_.fetch_add(mine_.enqueues_returned, std::memory_order_release);
-    }
-
-  private:
-    Batcher& owner_;
-    running_batch mine_;
-    running_batch* previous_;
-  };
+  // A thread running one of this batcher's batches gives the slots of the callback nodes it ends back
+  // together, and counts its own returned enqueues once, when the batch is over.
+  using batch_scope = detail::batch_scope<callback_pool>;
 
   std::mutex shutdown_mutex_;
   bool joined_ = false; // guarded by shutdown_mutex_
 
-  std::function<std::unique_ptr<runner_type>()> make_runner_; // one per worker, and per borrowed slot
-  std::mutex spare_runners_mutex_;
-  std::vector<std::unique_ptr<runner_type>> spare_runners_; // guarded by spare_runners_mutex_; run_for_caller's
+  detail::runner_pool<Job, Result> runners_; // one per worker, and per borrowed slot
   std::mutex threads_mutex_;
   bool threads_closed_ = false;      // guarded by threads_mutex_: shutdown took the workers to join
   std::vector<std::thread> workers_; // guarded by threads_mutex_; threads last: they start after every other

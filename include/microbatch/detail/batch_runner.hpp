@@ -7,6 +7,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -57,6 +58,49 @@ public:
   using node_type = job_node<Job, Result>;
   virtual ~batch_runner() = default;
   virtual void run(job_list<node_type>& batch) = 0;
+};
+
+/// Makes runners and keeps the spare ones that callers borrowed to run a batch themselves
+/// (`Options::dispatch_when_idle`): a worker owns its runner for life; a caller takes one here and gives
+/// it back, so there are never more runners than processor slots ever used at once. Thread-safe.
+template <class Job, class Result> class runner_pool {
+public:
+  using runner = batch_runner<Job, Result>;
+
+  void set_factory(std::function<std::unique_ptr<runner>()> make) { make_ = std::move(make); }
+
+  /// A new runner; throws what the factory throws.
+  std::unique_ptr<runner> make() const { return make_(); }
+
+  /// A spare runner, or a new one; null if none could be made (out of memory: the caller fails its batch).
+  std::unique_ptr<runner> take() noexcept {
+    {
+      std::lock_guard lock(mutex_);
+      if (!spare_.empty()) {
+        std::unique_ptr<runner> taken = std::move(spare_.back());
+        spare_.pop_back();
+        return taken;
+      }
+    }
+    try {
+      return make_();
+    } catch (...) {
+      return nullptr;
+    }
+  }
+
+  void give_back(std::unique_ptr<runner> returned) noexcept {
+    std::lock_guard lock(mutex_);
+    try {
+      spare_.push_back(std::move(returned));
+    } catch (...) { // out of memory: the runner is destroyed here, and a new one made next time
+    }
+  }
+
+private:
+  std::function<std::unique_ptr<runner>()> make_; // set once, before any thread starts
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<runner>> spare_; // guarded by mutex_
 };
 
 template <class Job, class Result, class Correlation>
