@@ -526,8 +526,7 @@ private:
   void add_workers(std::size_t count) {
     workers_.reserve(count);
     while (workers_.size() < count)
-      workers_.emplace_back(
-          [this, runner = std::shared_ptr<runner_type>(runners_.make())] { work(*runner); });
+      workers_.emplace_back([this, runner = std::shared_ptr<runner_type>(runners_.make())] { work(*runner); });
   }
 
   /// Joins every worker; `reconfigure` starts no more.
@@ -774,9 +773,7 @@ private:
     [[nodiscard]] time_point now() const noexcept override { return owner.now(); }
     std::vector<Result> call_processor(std::span<Job> jobs) override { return std::invoke(owner.processor_, jobs); }
     void end_job(node_type* job, Result&& value) noexcept override { owner.end_job(job, std::move(value)); }
-    void count_completed(std::uint64_t jobs) noexcept override {
-      owner.counters_.completed(jobs);
-    }
+    void count_completed(std::uint64_t jobs) noexcept override { owner.counters_.completed(jobs); }
     void finish_claimed(node_type* job, Result&& value) noexcept override {
       owner.admission_.release(job->admission_counted);
       job->finish(std::move(value));
@@ -784,13 +781,9 @@ private:
     void end_job(node_type* job, std::exception_ptr error, failure cause) noexcept override {
       owner.end_job(job, std::move(error), cause);
     }
-    void count_uncorrelated(std::uint64_t results) noexcept override {
-      owner.counters_.uncorrelated(results);
-    }
+    void count_uncorrelated(std::uint64_t results) noexcept override { owner.counters_.uncorrelated(results); }
     void batch_ran(const BatchInfo& info) noexcept override { owner.observe(info); }
-    void count_coalesced(std::uint64_t jobs) noexcept override {
-      owner.counters_.coalesced(jobs);
-    }
+    void count_coalesced(std::uint64_t jobs) noexcept override { owner.counters_.coalesced(jobs); }
     [[nodiscard]] bool coalesce_duplicates() const noexcept override {
       return owner.coalesce_.load(std::memory_order_relaxed);
     }

@@ -70,7 +70,9 @@ public:
     processing_time_.record(info.processing_time);
   }
 
-  void uncorrelated(std::uint64_t results) noexcept { uncorrelated_results_.fetch_add(results, std::memory_order_relaxed); }
+  void uncorrelated(std::uint64_t results) noexcept {
+    uncorrelated_results_.fetch_add(results, std::memory_order_relaxed);
+  }
   void coalesced(std::uint64_t jobs) noexcept { jobs_coalesced_.fetch_add(jobs, std::memory_order_relaxed); }
   void observer_threw() noexcept { observer_errors_.fetch_add(1, std::memory_order_relaxed); }
   void callback_threw() noexcept { callback_errors_.fetch_add(1, std::memory_order_relaxed); }
