@@ -6,6 +6,7 @@
 #include <microbatch/detail/batch_forming.hpp>
 #include <microbatch/detail/batch_runner.hpp>
 #include <microbatch/detail/batch_scope.hpp>
+#include <microbatch/detail/collector.hpp>
 #include <microbatch/detail/collector_clock.hpp>
 #include <microbatch/detail/counters.hpp>
 #include <microbatch/detail/histogram.hpp>
@@ -19,6 +20,8 @@
 #include <memory>
 #include <new>
 #include <set>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "support.hpp"
@@ -37,6 +40,8 @@ struct node {
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   bool ends_by_signal = false;
   int id = 0;
+  bool cancelled = false; // by its caller: the collector drops it
+  [[nodiscard]] bool claimed() const noexcept { return cancelled; }
 };
 using time_point = std::chrono::steady_clock::time_point;
 const time_point t0 = time_point{} + 1h;
@@ -198,6 +203,112 @@ TEST_CASE("collector clock: only a sooner time lowers the plan and wakes the sle
   clock.flushed(ticket, true);
   clock.await_flush(ticket);         // served: returns
   CHECK(clock.request_flush() == 0); // exited: nothing more to flush
+}
+
+namespace {
+/// The collector's view of a batcher: records what it dispatches and ends; with `ready` set,
+/// dispatched batches are queued there (for no worker: they stay until the collector drops them).
+struct recording_host {
+  microbatch::detail::ready_queue<node>* ready = nullptr;
+  std::mutex mutex;
+  std::vector<std::pair<std::vector<int>, microbatch::Trigger>> dispatched;
+  std::vector<std::pair<int, microbatch::detail::failure>> ended;
+  std::vector<std::exception_ptr> errors;
+
+  void dispatch(microbatch::detail::job_list<node> batch, microbatch::Trigger why) {
+    std::lock_guard lock(mutex);
+    dispatched.emplace_back(ids(batch), why);
+    if (ready != nullptr) ready->push(batch);
+  }
+  void end_job(node* job, std::exception_ptr error, microbatch::detail::failure cause) noexcept {
+    std::lock_guard lock(mutex);
+    ended.emplace_back(job->id, cause);
+    errors.push_back(std::move(error));
+  }
+};
+
+struct collector_rig {
+  explicit collector_rig(std::chrono::nanoseconds delay) : forming(0, delay) {}
+  void push(node& job, int id, time_point deadline = time_point::max()) {
+    job.id = id;
+    job.deadline = deadline;
+    const time_point arrival = source.now();
+    forming.push(&job, [&](node* first) { first->arrival = arrival; });
+    (void)forming.count_arrival();
+    clock.wake_by(std::min(arrival + forming.delay(), deadline)); // as Batcher::enqueue does
+  }
+  microbatch::manual_clock source;
+  recording_host host;
+  microbatch::detail::batch_forming<node> forming;
+  microbatch::detail::ready_queue<node> ready;
+  microbatch::detail::collector_clock clock{&source};
+  microbatch::detail::collector<node, recording_host> loop{host, forming, ready, clock};
+};
+} // namespace
+
+TEST_CASE("collector: deadlines, then the delay, then a flush; a cancel ends what is left", "[parts]") {
+  using microbatch::Trigger;
+  using microbatch::detail::failure;
+  collector_rig rig(5ms);
+  const time_point start = rig.source.now();
+  node a, b, c, d, e;
+  rig.push(a, 0);
+  rig.push(b, 1, start + 2ms);
+  std::thread collector([&] { rig.loop.run(); });
+  rig.source.await_timers(1);
+  CHECK(rig.source.next_timer() == start + 2ms); // b's deadline comes before a's batch is due
+  rig.source.advance(2ms);
+  rig.source.await_timers(1);
+  CHECK(rig.source.next_timer() == start + 5ms);
+  {
+    std::lock_guard lock(rig.host.mutex);
+    CHECK(rig.host.ended == std::vector<std::pair<int, failure>>{{1, failure::expired}});
+    CHECK(rig.host.dispatched.empty());
+  }
+  rig.source.advance(3ms);
+  rig.clock.await_flush(rig.clock.request_flush()); // a round after the advance has run
+  rig.push(c, 2);
+  rig.push(d, 3);
+  rig.clock.await_flush(rig.clock.request_flush());
+  {
+    std::lock_guard lock(rig.host.mutex);
+    CHECK(rig.host.dispatched ==
+          std::vector<std::pair<std::vector<int>, Trigger>>{{{0}, Trigger::delay}, {{2, 3}, Trigger::flush}});
+  }
+  rig.push(e, 4, start + 1h);
+  rig.clock.request_shutdown(microbatch::Shutdown::cancel);
+  collector.join(); // run returns once everything left has ended
+  std::lock_guard lock(rig.host.mutex);
+  REQUIRE(rig.host.ended.size() == 2);
+  CHECK(rig.host.ended[1] == std::pair<int, failure>{4, failure::other});
+  CHECK_THROWS_AS(std::rethrow_exception(rig.host.errors[1]), microbatch::batcher_closed);
+}
+
+TEST_CASE("collector: a drain keeps enforcing deadlines until the last queued batch is taken", "[parts]") {
+  using microbatch::detail::failure;
+  collector_rig rig(0ms);
+  rig.host.ready = &rig.ready; // dispatched batches wait there: no worker takes them
+  const time_point start = rig.source.now();
+  node waiting, withdrawn;
+  rig.push(waiting, 0, start + 1ms);
+  rig.push(withdrawn, 1);
+  withdrawn.cancelled = true; // its caller's stop came
+  rig.loop.request_sweep();
+  rig.clock.request_shutdown(microbatch::Shutdown::drain); // all before the collector's first round
+  std::thread collector([&] { rig.loop.run(); });
+  rig.source.await_timers(1); // still running after dispatching the batch, for its job's deadline
+  CHECK(rig.source.next_timer() == start + 1ms);
+  {
+    std::lock_guard lock(rig.host.mutex);
+    CHECK(rig.host.ended == std::vector<std::pair<int, failure>>{{1, failure::expired}}); // dropped (abandoned)
+  }
+  rig.source.advance(1ms);
+  collector.join(); // the queued job expired; nothing is left: the drain is over
+  std::lock_guard lock(rig.host.mutex);
+  CHECK(rig.host.ended == std::vector<std::pair<int, failure>>{{1, failure::expired}, {0, failure::expired}});
+  microbatch::detail::job_list<node> left;
+  bool emptied = false;
+  CHECK_FALSE(rig.ready.pop(left, emptied)); // finished: a worker would exit
 }
 
 namespace {

@@ -29,16 +29,13 @@
 #include <stop_token>
 #endif
 
-#if defined(__linux__)
-#include <sys/prctl.h>
-#endif
-
 #include "clock.hpp"
 #include "detail/admission.hpp"
 #include "detail/batch_forming.hpp"
 #include "detail/batch_queue.hpp"
 #include "detail/batch_runner.hpp"
 #include "detail/batch_scope.hpp"
+#include "detail/collector.hpp"
 #include "detail/collector_clock.hpp"
 #include "detail/correlation.hpp"
 #include "detail/counters.hpp"
@@ -355,7 +352,7 @@ public:
     if (current_batcher() == this) return;
     std::lock_guard lock(shutdown_mutex_);
     if (joined_) return;
-    collector_.join();
+    collector_thread_.join();
     join_workers();
     ready_.await_borrows();      // callers still running a batch (run_for_caller)
     std::uint64_t published = 0; // every job the inbox ever took: the closed inbox holds no more
@@ -437,6 +434,7 @@ public:
   // Implementation details follow.
 private:
   friend struct detail::operation_access; // microbatch/asio.hpp: admits its operations, cancels them
+  friend class detail::collector<detail::job_node<Job, Result>, Batcher>; // dispatch, end_job
   using node_type = detail::job_node<Job, Result>;
   using batch = detail::job_list<node_type>;
   using failure = detail::failure;
@@ -508,11 +506,15 @@ private:
         std::lock_guard lock(threads_mutex_);
         add_workers(options_.max_concurrent_batches);
       }
-      collector_ = std::thread([this] { collect(); });
+      collector_thread_ = std::thread([this] {
+        current_batcher() = this;
+        collector_of_thread() = this;
+        collector_loop_.run();
+      });
     } catch (...) {
       begin_shutdown(Shutdown::drain);
-      if (collector_.joinable()) {
-        collector_.join();
+      if (collector_thread_.joinable()) {
+        collector_thread_.join();
       } else {
         ready_.finish(); // no collector to do it
       }
@@ -603,7 +605,7 @@ private:
     if (formed) return;
     if (arrival != time_point::max()) {
       const std::chrono::nanoseconds delay = forming_.delay();
-      if (delay.count() > 0) clock_.wake_by(saturating_add(arrival, delay));
+      if (delay.count() > 0) clock_.wake_by(detail::saturating_add(arrival, delay));
     }
     if (deadline != time_point::max()) clock_.wake_by(deadline);
   }
@@ -758,8 +760,7 @@ private:
   void cancelled_by_caller(node_type* job) noexcept {
     counters_.failed(failure::cancelled);
     admission_.release(job->admission_counted);
-    sweep_requested_.store(true, std::memory_order_release);
-    clock_.wake();
+    collector_loop_.request_sweep();
   }
 
   [[nodiscard]] time_point now() const noexcept {
@@ -804,122 +805,6 @@ private:
     } catch (...) {
       counters_.observer_threw();
     }
-  }
-
-  // ---- the collector thread: the batcher's clock ----
-
-  static time_point saturating_add(time_point start, std::chrono::nanoseconds delay) noexcept {
-    return delay >= time_point::max() - start ? time_point::max() : start + delay;
-  }
-
-  void collect() {
-    current_batcher() = this;
-    collector_of_thread() = this;
-#if defined(__linux__)
-    // Timer slack (50 us by default) would be added to every batch delay; 1 ns makes timers exact.
-    ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
-#endif
-    std::uint64_t flushes_served = 0;
-    std::uint64_t arrivals_seen = 0; // jobs counted when the last round planned
-    for (;;) {
-      const auto requests = clock_.begin_round();
-      const time_point now_time = now();
-      const std::uint64_t deadline_pushes = forming_.deadline_pushes(); // before this round takes the inbox
-      const bool stopping = requests.shutdown.has_value();
-      const bool cancelling = stopping && *requests.shutdown == Shutdown::cancel;
-      batch leaving; // expired or cancelled jobs, ended below, outside every lock
-      bool finished = false;
-      {
-        std::lock_guard lock(forming_.mutex());
-        if (cancelling) {
-          forming_.take_arrivals(
-              now_time, [&](batch full) { leaving.append(full); }, true);
-          leaving.append(forming_.cut());
-          ready_.remove_if([](node_type*) { return true; }, leaving);
-          finished = true;
-        } else {
-          auto full = [&](batch formed) { dispatch(formed, formed.trigger); };
-          forming_.take_arrivals(now_time, full, stopping);
-          // Expired and cancelled jobs leave first, so that no batch is dispatched with them.
-          // (A load before the exchange: its cache line is also one that every submit writes to.)
-          if ((sweep_requested_.load(std::memory_order_relaxed) &&
-               sweep_requested_.exchange(false, std::memory_order_acq_rel)) ||
-              forming_.earliest_deadline() <= now_time)
-            expire(now_time, leaving);
-          const bool flush_wanted = requests.flush_ticket > flushes_served;
-          if (!forming_.empty() && (stopping || flush_wanted || forming_.due() <= now_time)) {
-            const bool timed_out = forming_.due() <= now_time; // the delay's, even if a flush came too
-            dispatch(forming_.cut(), timed_out ? Trigger::delay : stopping ? Trigger::shutdown : Trigger::flush);
-            forming_.take_arrivals(now_time, full, stopping); // re-arms the size threshold
-          }
-          // Draining: the clock runs until the last queued batch is taken, so deadlines hold meanwhile.
-          finished = stopping && forming_.empty() && ready_.empty();
-        }
-        if (finished) ready_.finish();
-        // While jobs keep coming, the clock looks again within one delay even with nothing forming, so
-        // that the next batch's first job finds the plan early enough and need not wake it: a wake-up
-        // costs that submitter a system call, and in W1co the collector, woken by a batch's first job,
-        // often found that batch already gone, planned "never" again, and was woken again by the next
-        // (up to 20 times per ms). A round that sees no new job plans as usual (an idle batcher sleeps).
-        // Real time only: with a manual clock a timer stays a batch delay or a deadline, as
-        // `manual_clock::await_timers` promises tests, and a wake-up costs nothing to speak of.
-        time_point wake_at = std::min(forming_.due(), forming_.earliest_deadline());
-        const std::uint64_t arrivals = forming_.arrivals();
-        if (arrivals != arrivals_seen && clock_.real_time() && forming_.delay().count() > 0)
-          wake_at = std::min(wake_at, saturating_add(now_time, forming_.delay()));
-        arrivals_seen = arrivals;
-        clock_.plan(wake_at);
-      }
-      leaving.for_each([&](node_type* job) {
-        if (cancelling) {
-          end_job(job, detail::make_error<batcher_closed>([] {
-                    return "microbatch::Batcher: shutdown(Shutdown::cancel) began before the job was processed";
-                  }),
-                  failure::other);
-        } else {
-          end_job(job, detail::expired_error(), failure::expired); // a cancelled job is only abandoned
-        }
-      });
-      if (finished) {
-        clock_.flushed(requests.flush_ticket, true);
-        return;
-      }
-      if (requests.flush_ticket > flushes_served) {
-        flushes_served = requests.flush_ticket;
-        clock_.flushed(flushes_served);
-      }
-      // A job published after the plan was visible sees it and wakes the collector if it must. One
-      // published during this round, after its pass took the inbox, may have been judged by the older
-      // plan, which this round may have moved later (the inbox is closed once stopping):
-      //  - for its deadline, if any job with a deadline came meanwhile, another round takes it now;
-      //  - for the delay of a batch it may start, the plan is at most this round's start plus the delay
-      //    (its arrival is later, unless its thread stalled between stamping and publishing it).
-      // Going round again for every such job would chase busy submitters: the rounds would fight them
-      // for the forming batch's mutex (in W1co, the worker slept on it several times per 100 batches).
-      if (!stopping && !forming_.inbox_empty()) {
-        // (With a manual clock, always again: a test's `await_timers` then means the jobs were taken.)
-        if (!clock_.real_time() || forming_.deadline_pushes() != deadline_pushes) continue;
-        const std::chrono::nanoseconds delay = forming_.delay();
-        if (delay.count() > 0) clock_.lower_plan(saturating_add(now_time, delay));
-      }
-      if (clock_.planned() <= now_time) continue; // already due (a job taken late in this round)
-      clock_.sleep();
-    }
-  }
-
-  /// (forming mutex held) Takes expired and cancelled jobs out of the forming batch and the queued
-  /// batches into `leaving`; records the earliest deadline left.
-  void expire(time_point now_time, batch& leaving) {
-    time_point earliest = time_point::max();
-    auto leaves = [&](node_type* job) {
-      if (job->claimed() || job->deadline <= now_time) return true;
-      earliest = std::min(earliest, job->deadline);
-      return false;
-    };
-    forming_.remove_if(leaves, leaving);
-    ready_.remove_if(leaves, leaving);
-    forming_.set_earliest_deadline(earliest);
-    forming_.take_arrivals(now_time, [&](batch full) { dispatch(full, full.trigger); }); // re-arms
   }
 
   // ---- worker threads ----
@@ -968,7 +853,7 @@ private:
                                             options_.max_batch_weight, has_weight};
   detail::collector_clock clock_{options_.clock};
   detail::ready_queue<node_type> ready_{options_.max_concurrent_batches};
-  std::atomic<bool> sweep_requested_{false};        // a queued job was cancelled: the collector drops it
+  detail::collector<node_type, Batcher> collector_loop_{*this, forming_, ready_, clock_};
   std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
   // Its own cache line: a worker reads it for every job, and every submit made outside this batcher's
   // own batches adds to enqueues_returned_
@@ -1005,7 +890,7 @@ private:
   std::mutex threads_mutex_;
   bool threads_closed_ = false;      // guarded by threads_mutex_: shutdown took the workers to join
   std::vector<std::thread> workers_; // guarded by threads_mutex_; threads last: they start after every other
-  std::thread collector_;            // member exists
+  std::thread collector_thread_;     // member exists
 };
 
 // Deduces Job and Result from member-pointer ID extractors, whatever the processor is (a generic

@@ -14,6 +14,13 @@
 
 namespace microbatch::detail {
 
+/// `start + delay`, or `time_point::max()` where that would overflow (a delay of "never").
+inline std::chrono::steady_clock::time_point saturating_add(std::chrono::steady_clock::time_point start,
+                                                            std::chrono::nanoseconds delay) noexcept {
+  return delay >= std::chrono::steady_clock::time_point::max() - start ? std::chrono::steady_clock::time_point::max()
+                                                                       : start + delay;
+}
+
 /// The batcher's sense of time, owned by its collector thread. The collector publishes a plan (the
 /// time it will next look: the forming batch's due time, the earliest deadline) and sleeps until then.
 /// Anyone who needs it sooner lowers the plan (`wake_by`) and wakes it; only the thread that actually
