@@ -17,7 +17,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <set>
 #include <thread>
@@ -534,28 +536,27 @@ TEST_CASE("batch scope: the innermost scope of its owner saves slots and counts 
   using scope = microbatch::detail::batch_scope<pool_type>;
   pool_type pool;
   std::atomic<std::uint64_t> returned{0};
-  const int owner = 0;
-  const int other = 0;
-  CHECK(scope::of_thread(&owner) == nullptr);
+  pool_type other_pool; // another batcher's
+  CHECK(scope::of_thread(&pool) == nullptr);
   void* slot = pool.acquire().memory;
   {
-    scope outer(&owner, pool, returned);
-    REQUIRE(scope::of_thread(&owner) != nullptr);
-    CHECK(scope::of_thread(&other) == nullptr);
-    ++scope::of_thread(&owner)->enqueues_returned;
+    scope outer(pool, returned);
+    REQUIRE(scope::of_thread(&pool) != nullptr);
+    CHECK(scope::of_thread(&other_pool) == nullptr);
+    ++scope::of_thread(&pool)->enqueues_returned;
     {
-      scope inner(&other, pool, returned); // another batcher's batch run from within this one
-      CHECK(scope::of_thread(&owner) == nullptr);
-      ++scope::of_thread(&other)->enqueues_returned;
+      scope inner(other_pool, returned); // another batcher's batch run from within this one
+      CHECK(scope::of_thread(&pool) == nullptr);
+      ++scope::of_thread(&other_pool)->enqueues_returned;
     }
     CHECK(returned.load() == 1); // the inner scope's, at its end
-    REQUIRE(scope::of_thread(&owner) != nullptr);
-    ++scope::of_thread(&owner)->enqueues_returned;
-    pool.gather({slot, true}, scope::of_thread(&owner)->slots);
+    REQUIRE(scope::of_thread(&pool) != nullptr);
+    ++scope::of_thread(&pool)->enqueues_returned;
+    pool.gather({slot, true}, scope::of_thread(&pool)->slots);
     CHECK(returned.load() == 1);
     CHECK(pool.acquire().memory != slot); // still gathered, not yet free
   }
-  CHECK(scope::of_thread(&owner) == nullptr);
+  CHECK(scope::of_thread(&pool) == nullptr);
   CHECK(returned.load() == 3);
   CHECK(pool.acquire().memory == slot); // given back when the scope ended
 }

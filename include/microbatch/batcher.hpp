@@ -583,7 +583,7 @@ private:
     struct count_out {
       Batcher& owner;
       ~count_out() {
-        if (auto* running = batch_scope::of_thread(&owner)) {
+        if (auto* running = batch_scope::of_thread(&owner.callback_slots_)) {
           ++running->enqueues_returned;
         } else {
           owner.enqueues_returned_.fetch_add(1, std::memory_order_release);
@@ -679,7 +679,7 @@ private:
         const void* previous;
         ~batcher_thread() { current_batcher() = previous; }
       } mark{std::exchange(current_batcher(), this)};
-      batch_scope running{this, callback_slots_, enqueues_returned_};
+      batch_scope running{callback_slots_, enqueues_returned_};
       runner->run(jobs);
     }
     runners_.give_back(std::move(runner));
@@ -830,7 +830,7 @@ private:
       } else if (queue_emptied && admission_.closed()) {
         clock_.wake(); // a draining collector waits for this
       }
-      batch_scope running{this, callback_slots_, enqueues_returned_};
+      batch_scope running{callback_slots_, enqueues_returned_};
       runner.run(jobs);
     }
   }
@@ -853,7 +853,6 @@ private:
                                             options_.max_batch_weight, has_weight};
   detail::collector_clock clock_{options_.clock};
   detail::ready_queue<node_type> ready_{options_.max_concurrent_batches};
-  detail::collector<node_type, Batcher> collector_loop_{*this, forming_, ready_, clock_};
   std::atomic<std::uint64_t> enqueues_returned_{0}; // enqueue calls that published a job and returned
   // Its own cache line: a worker reads it for every job, and every submit made outside this batcher's
   // own batches adds to enqueues_returned_
@@ -861,6 +860,9 @@ private:
   alignas(64) runner_link runner_link_{*this};
 
   detail::counters counters_; // Stats
+  // The collector's references, read every round: not on the line of enqueues_returned_, which every
+  // submit outside a batch writes.
+  detail::collector<node_type, Batcher> collector_loop_{*this, forming_, ready_, clock_};
 
   // Slots for callback submits' nodes (the batcher owns those nodes; callers keep nothing).
   using callback_node_type = detail::callback_node<Job, Result>;
@@ -868,7 +870,7 @@ private:
     Batcher* owner = nullptr;
     void callback_threw() noexcept override { owner->counters_.callback_threw(); }
     void recycle(void* memory, bool pooled) noexcept override {
-      if (auto* running = batch_scope::of_thread(owner)) {
+      if (auto* running = batch_scope::of_thread(&owner->callback_slots_)) {
         owner->callback_slots_.gather({memory, pooled}, running->slots);
       } else {
         owner->callback_slots_.release({memory, pooled});

@@ -97,6 +97,8 @@ public:
     }
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // Implementation details follow.
 private:
   std::function<std::unique_ptr<runner>()> make_; // set once, before any thread starts
   std::mutex mutex_;

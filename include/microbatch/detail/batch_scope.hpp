@@ -23,13 +23,14 @@ namespace microbatch::detail {
 template <class SlotPool> class batch_scope {
 public:
   struct savings {
-    const void* owner;
+    const SlotPool* owner; // the batcher's callback slot pool: one per batcher, and typed
     typename SlotPool::gathered slots;
     std::uint64_t enqueues_returned = 0;
   };
 
-  batch_scope(const void* owner, SlotPool& slots, std::atomic<std::uint64_t>& enqueues_returned) noexcept
-      : slots_(slots), enqueues_returned_(enqueues_returned), mine_{owner, {}},
+  /// A batch of the batcher that owns `slots` (its callback slot pool) and `enqueues_returned`.
+  batch_scope(SlotPool& slots, std::atomic<std::uint64_t>& enqueues_returned) noexcept
+      : slots_(slots), enqueues_returned_(enqueues_returned), mine_{&slots, {}},
         previous_(std::exchange(current(), &mine_)) {}
   batch_scope(const batch_scope&) = delete;
   batch_scope& operator=(const batch_scope&) = delete;
@@ -39,12 +40,16 @@ public:
     if (mine_.enqueues_returned != 0) enqueues_returned_.fetch_add(mine_.enqueues_returned, std::memory_order_release);
   }
 
-  /// This thread's savings if it is running one of `owner`'s batches (innermost scope), else null.
-  [[nodiscard]] static savings* of_thread(const void* owner) noexcept {
+  /// This thread's savings if it is running a batch of the batcher whose callback slot pool is `owner`
+  /// (innermost scope only), else null. Keyed by the pool, not the batcher: two live pools never share
+  /// an address, while a batcher could share one with a member of another.
+  [[nodiscard]] static savings* of_thread(const SlotPool* owner) noexcept {
     savings* running = current();
     return running != nullptr && running->owner == owner ? running : nullptr;
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // Implementation details follow.
 private:
   static savings*& current() noexcept {
     thread_local savings* running = nullptr;

@@ -146,6 +146,8 @@ public:
     }
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // Implementation details follow.
 private:
   using batch = job_list<Node>;
 

@@ -20,6 +20,9 @@ namespace microbatch::detail {
 /// The one invariant the snapshot keeps, `jobs_completed + jobs_failed <= jobs_submitted`, rests on
 /// order: a job ends after it was counted as accepted (the batch forming part counts arrivals), the
 /// ends are counted with release and read first with acquire, and the arrivals are read after them.
+///
+/// Every member is thread-safe and lock-free (`snapshot` reads each counter once; the figures of one
+/// snapshot are not taken at a single instant).
 class counters {
 public:
   counters() = default;
@@ -106,6 +109,8 @@ public:
     return s;
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // Implementation details follow.
 private:
   // Its own cache line, away from whatever the owner puts before it: ends are counted for every job.
   alignas(64) std::atomic<std::uint64_t> jobs_completed_{0};
