@@ -4,6 +4,7 @@
 
 #include <microbatch/detail/admission.hpp>
 #include <microbatch/detail/batch_forming.hpp>
+#include <microbatch/detail/batch_queue.hpp>
 #include <microbatch/detail/batch_runner.hpp>
 #include <microbatch/detail/batch_scope.hpp>
 #include <microbatch/detail/collector.hpp>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -34,9 +36,7 @@ namespace {
 struct node {
   node* next = nullptr;
   node* next_batch = nullptr;
-  node* batch_last = nullptr;
-  std::size_t batch_size = 0;
-  microbatch::Trigger batch_trigger = microbatch::Trigger::size;
+  std::uint8_t batch_trigger = 0;
   std::size_t weight = 1;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::time_point::min();
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
@@ -324,6 +324,48 @@ void queue_one_batch_each(microbatch::detail::ready_queue<node>& ready, std::vec
   }
 }
 } // namespace
+
+TEST_CASE("batch queue: a popped batch, measured, has its jobs, size, last, trigger and start", "[parts]") {
+  // The queue keeps only a batch's first node (and in it the trigger and the batch's start): the
+  // worker measures the rest. remove_if must keep all of that for the batches it leaves.
+  std::vector<node> nodes(6);
+  for (int i = 0; i < 6; ++i)
+    nodes[static_cast<std::size_t>(i)].id = i;
+  auto batch_of = [&](std::initializer_list<int> members, microbatch::Trigger why, time_point started) {
+    microbatch::detail::job_list<node> batch;
+    for (int i : members)
+      batch.push_back(&nodes[static_cast<std::size_t>(i)]);
+    batch.trigger = why;
+    batch.first->arrival = started;
+    return batch;
+  };
+  microbatch::detail::batch_queue<node> queue;
+  queue.push(batch_of({0, 1, 2}, microbatch::Trigger::delay, t0));
+  queue.push(batch_of({3}, microbatch::Trigger::flush, t0 + 1s));
+  queue.push(batch_of({4, 5}, microbatch::Trigger::idle, t0 + 2s));
+  CHECK(queue.count() == 3);
+
+  microbatch::detail::job_list<node> removed; // job 0 leaves: batch {1, 2} starts as {0, 1, 2} did
+  queue.remove_if([](node* n) { return n->id == 0 || n->id == 3; }, removed);
+  CHECK(ids(removed) == std::vector<int>{0, 3});
+  REQUIRE(queue.count() == 2);
+
+  auto first = queue.pop();
+  first.measure();
+  CHECK(ids(first) == std::vector<int>{1, 2});
+  CHECK(first.size == 2);
+  CHECK(first.last == &nodes[2]);
+  CHECK(first.trigger == microbatch::Trigger::delay);
+  CHECK(first.first->arrival == t0);
+  auto second = queue.pop();
+  second.measure();
+  CHECK(ids(second) == std::vector<int>{4, 5});
+  CHECK(second.size == 2);
+  CHECK(second.last == &nodes[5]);
+  CHECK(second.trigger == microbatch::Trigger::idle);
+  CHECK(second.first->arrival == t0 + 2s);
+  CHECK(queue.empty());
+}
 
 TEST_CASE("ready queue: first in first out; hold stops workers; finish lets them exit", "[parts]") {
   microbatch::detail::ready_queue<node> ready;

@@ -51,8 +51,8 @@ public:
 
   /// Throws `batcher_closed` once `close` was called. Never blocks.
   void throw_if_closed() const {
-    if (closed_.load(std::memory_order_acquire))
-      throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
+    if (closed_.load(std::memory_order_acquire)) [[unlikely]]
+      throw_closed();
   }
 
   [[nodiscard]] bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
@@ -65,19 +65,9 @@ public:
   template <class StopToken = never_stops>
   [[nodiscard]] bool reserve(std::atomic<std::uint64_t>& rejected, bool beyond_bound_allowed,
                              const StopToken& stop = {}) {
-    const std::size_t bound = max_pending_.load(std::memory_order_relaxed);
-    if (bound == 0) return false;
-    if (const place taken = try_take(); taken != place::none) return taken == place::counted;
-    if (overflow_.load(std::memory_order_relaxed) == Overflow::reject) {
-      rejected.fetch_add(1, std::memory_order_relaxed);
-      throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" + std::to_string(bound) +
-                       ") jobs are pending");
-    }
-    if (beyond_bound_allowed) {
-      pending_.fetch_add(1, std::memory_order_seq_cst);
-      return true;
-    }
-    return wait_for_room(stop);
+    // Unbounded, the common case, is one load here on the submit path; the rest stays out of line.
+    if (max_pending_.load(std::memory_order_relaxed) == 0) return false;
+    return reserve_bounded(rejected, beyond_bound_allowed, stop);
   }
 
   /// Gives back the place of a job that ended (or was not accepted after all), if `reserve` took one
@@ -103,6 +93,28 @@ public:
   // Implementation details follow.
 private:
   enum class place { counted, uncounted, none };
+
+  [[noreturn, gnu::noinline, gnu::cold]] static void throw_closed() {
+    throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
+  }
+
+  template <class StopToken>
+  [[gnu::noinline]] bool reserve_bounded(std::atomic<std::uint64_t>& rejected, bool beyond_bound_allowed,
+                                         const StopToken& stop) {
+    const std::size_t bound = max_pending_.load(std::memory_order_relaxed);
+    if (bound == 0) return false; // lifted meanwhile
+    if (const place taken = try_take(); taken != place::none) return taken == place::counted;
+    if (overflow_.load(std::memory_order_relaxed) == Overflow::reject) {
+      rejected.fetch_add(1, std::memory_order_relaxed);
+      throw queue_full("microbatch::Batcher::submit: max_pending_jobs (" + std::to_string(bound) +
+                       ") jobs are pending");
+    }
+    if (beyond_bound_allowed) {
+      pending_.fetch_add(1, std::memory_order_seq_cst);
+      return true;
+    }
+    return wait_for_room(stop);
+  }
 
   template <class StopToken> bool wait_for_room(const StopToken& stop) {
     std::unique_lock lock(mutex_);

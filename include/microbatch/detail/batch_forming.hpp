@@ -98,14 +98,10 @@ public:
   /// batch, by count or by weight: the caller must run a forming pass (`take_arrivals`). Lock-free.
   bool count_arrival(std::size_t weight = 1) noexcept {
     const std::uint64_t count = arrivals_.fetch_add(1, std::memory_order_seq_cst) + 1;
-    bool full = count >= fill_at_.load(std::memory_order_seq_cst) &&
-                fill_at_.exchange(never, std::memory_order_seq_cst) != never;
-    if (weighed_) {
-      const std::uint64_t total = weight_arrived_.fetch_add(weight, std::memory_order_seq_cst) + weight;
-      full = (total >= weight_fill_at_.load(std::memory_order_seq_cst) &&
-              weight_fill_at_.exchange(never, std::memory_order_seq_cst) != never) ||
-             full;
-    }
+    const bool full = count >= fill_at_.load(std::memory_order_seq_cst) &&
+                      fill_at_.exchange(never, std::memory_order_seq_cst) != never;
+    if (weighed_) [[unlikely]]
+      return count_weight(weight) || full;
     return full;
   }
 
@@ -194,6 +190,14 @@ public:
   // Implementation details follow.
 private:
   static constexpr std::uint64_t never = std::numeric_limits<std::uint64_t>::max();
+
+  /// `count_arrival`'s weight half: true if `weight` more fills the forming batch by weight. Out of
+  /// line, so that the count alone (every job's path) stays small enough to inline.
+  [[gnu::noinline]] bool count_weight(std::size_t weight) noexcept {
+    const std::uint64_t total = weight_arrived_.fetch_add(weight, std::memory_order_seq_cst) + weight;
+    return total >= weight_fill_at_.load(std::memory_order_seq_cst) &&
+           weight_fill_at_.exchange(never, std::memory_order_seq_cst) != never;
+  }
 
   /// (mutex held) Appends `job` to the forming batch, cutting batches that the limits say are full: a
   /// job that would take the batch over the weight limit closes it first. `start`: the forming batch's

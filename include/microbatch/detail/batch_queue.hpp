@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "../options.hpp"
 
@@ -57,6 +58,17 @@ template <class Node> struct job_list {
     *this = kept;
   }
 
+  /// Sets `last` and `size` by walking from `first`: a batch that `batch_queue::pop` hands over
+  /// carries only its first node (its owner measures it outside the queue's lock).
+  void measure() noexcept {
+    last = nullptr;
+    size = 0;
+    for (Node* node = first; node != nullptr; node = node->next) {
+      last = node;
+      ++size;
+    }
+  }
+
   /// Calls `visit(node)` on every node, reading each `next` before the visit (which may end the job).
   template <class Visit> void for_each(Visit&& visit) {
     for (Node* node = first; node != nullptr;) {
@@ -68,10 +80,11 @@ template <class Node> struct job_list {
 };
 
 /// The formed batches waiting for a worker, first in first out. Each batch is a job_list; the queue
-/// links them through `Node::next_batch` and keeps the batch's `last`, `size` and `trigger` in its
-/// first node (`batch_last`, `batch_size`, `batch_trigger`), so it needs no memory of its own. The
-/// first node's `arrival` holds the batch's start (its oldest job's arrival) and moves with it. Not thread-safe: its
-/// owner guards it.
+/// links them through `Node::next_batch` and keeps the batch's `trigger` in its first node
+/// (`batch_trigger`), so it needs no memory of its own. It does not keep `last` and `size`: every node
+/// would carry two more fields for them, while the worker that takes a batch walks it anyway
+/// (`job_list::measure`, after `pop`). The first node's `arrival` holds the batch's start (its oldest
+/// job's arrival) and moves with it. Not thread-safe: its owner guards it.
 template <class Node> class batch_queue {
 public:
   [[nodiscard]] bool empty() const noexcept { return head_ == nullptr; }
@@ -87,9 +100,7 @@ public:
   void push(job_list<Node> batch) noexcept {
     Node* first = batch.first;
     first->next_batch = nullptr;
-    first->batch_last = batch.last;
-    first->batch_size = batch.size;
-    first->batch_trigger = batch.trigger;
+    first->batch_trigger = static_cast<std::uint8_t>(batch.trigger);
     if (tail_ != nullptr) {
       tail_->next_batch = first;
     } else {
@@ -98,11 +109,12 @@ public:
     tail_ = first;
   }
 
+  /// The oldest batch: its `first` and `trigger` only; `measure` it before use.
   job_list<Node> pop() noexcept {
     Node* first = head_;
     head_ = first->next_batch;
     if (head_ == nullptr) tail_ = nullptr;
-    return {first, first->batch_last, first->batch_size, first->batch_trigger};
+    return {first, nullptr, 0, static_cast<Trigger>(first->batch_trigger)};
   }
 
   /// Applies `job_list::remove_if` to every batch; batches left empty leave the queue.
@@ -112,7 +124,7 @@ public:
     while (*link != nullptr) {
       Node* first = *link;
       Node* next_batch = first->next_batch;
-      job_list<Node> batch{first, first->batch_last, first->batch_size, first->batch_trigger};
+      job_list<Node> batch{first, nullptr, 0, static_cast<Trigger>(first->batch_trigger)}; // remove_if needs only `first`
       const auto started = first->arrival; // the batch's start, kept in its first node
       batch.remove_if(remove, removed);
       if (batch.empty()) {
@@ -120,9 +132,7 @@ public:
         continue;
       }
       batch.first->next_batch = next_batch;
-      batch.first->batch_last = batch.last;
-      batch.first->batch_size = batch.size;
-      batch.first->batch_trigger = batch.trigger;
+      batch.first->batch_trigger = static_cast<std::uint8_t>(batch.trigger);
       batch.first->arrival = started;
       *link = batch.first;
       previous_first = batch.first;

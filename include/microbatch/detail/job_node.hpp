@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <future>
 #include <memory>
@@ -66,8 +67,6 @@ public:
 
   job_node* next = nullptr;               // inbox link, then batch link (detail::job_list)
   job_node* next_batch = nullptr;         // detail::batch_queue, in a queued batch's first node only
-  job_node* batch_last = nullptr;         // ditto
-  std::size_t batch_size = 0;             // ditto
   time_point arrival = time_point::min(); // set when this job was the first into an empty inbox; in a
                                           // batch's first node, the batch's start
   time_point deadline = time_point::max();
@@ -130,10 +129,13 @@ private:
   const bool cancellable_;
 
 public:
-  // Next to the flags above: in their padding, so the node does not grow.
+  // Next to the flags above: in their padding, so the node does not grow (64 bytes for an 8-byte job:
+  // every node kind's fields start on the line after, and a callback node is two lines, W2cb).
   bool admission_counted = false;        // took a max_pending_jobs place (detail::admission::reserve)
   bool ends_by_signal = false;           // a blocking execute_job's node: ending it runs no user code
-  Trigger batch_trigger = Trigger::size; // detail::batch_queue, in a queued batch's first node only
+  bool pooled_slot = false;              // callback_node: built in a slot of the batcher's pool
+  std::uint8_t batch_trigger = 0;        // detail::batch_queue, in a queued batch's first node only: a
+                                         // Trigger in one byte (the enum itself takes four)
 };
 
 /// `submit(job)`: one heap block holds the node and an arena from which its `std::promise` allocates
@@ -396,7 +398,8 @@ private:
   template <class F>
   // NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init): storage_ stays raw until used
   callback_node(Job&& submitted, F&& on_complete, home& owner, bool pooled)
-      : job_node<Job, Result>(std::move(submitted)), pooled_(pooled), owner_(owner) {
+      : job_node<Job, Result>(std::move(submitted)), owner_(owner) {
+    this->pooled_slot = pooled;
     using Callable = std::decay_t<F>;
     if constexpr (sizeof(Callable) <= inline_bytes && alignof(Callable) <= alignof(std::max_align_t) &&
                   std::is_nothrow_move_constructible_v<Callable>) {
@@ -435,15 +438,14 @@ private:
     call_(storage_, nullptr); // destroys the callable
     home& owner = owner_;
     void* memory = this; // where the submit built this node
-    const bool pooled = pooled_;
+    const bool pooled = this->pooled_slot;
     this->~callback_node();
     owner.recycle(memory, pooled);
   }
 
   // Few and small: the submitter writes every byte of a node, often in a slot that a worker's core
-  // wrote last, so each cache line it spans costs a transfer (W2cb). `pooled_` comes first so that it
-  // can share job_node's tail padding, when the job leaves any.
-  bool pooled_;
+  // wrote last, so each cache line it spans costs a transfer (W2cb). Whether the slot is pooled sits
+  // in job_node's padding (`pooled_slot`).
   home& owner_;
   // Calls the callable with the outcome, or (outcome null) destroys it: one pointer for both.
   void (*call_)(unsigned char* storage, Outcome<Result>* outcome) = nullptr;

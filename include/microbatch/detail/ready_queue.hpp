@@ -83,6 +83,8 @@ public:
         --queued_;
         ++running_;
         now_empty = batches_.empty();
+        lock.unlock();
+        batch.measure(); // the batch is this worker's now: walked outside the lock
         return taken::batch;
       }
       // Finished: exit once nothing is left for this worker (with no slot free, the workers holding
