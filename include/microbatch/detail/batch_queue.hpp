@@ -124,7 +124,8 @@ public:
     while (*link != nullptr) {
       Node* first = *link;
       Node* next_batch = first->next_batch;
-      job_list<Node> batch{first, nullptr, 0, static_cast<Trigger>(first->batch_trigger)}; // remove_if needs only `first`
+      // remove_if needs only `first`: last and size are rebuilt as it goes
+      job_list<Node> batch{first, nullptr, 0, static_cast<Trigger>(first->batch_trigger)};
       const auto started = first->arrival; // the batch's start, kept in its first node
       batch.remove_if(remove, removed);
       if (batch.empty()) {

@@ -131,11 +131,11 @@ private:
 public:
   // Next to the flags above: in their padding, so the node does not grow (64 bytes for an 8-byte job:
   // every node kind's fields start on the line after, and a callback node is two lines, W2cb).
-  bool admission_counted = false;        // took a max_pending_jobs place (detail::admission::reserve)
-  bool ends_by_signal = false;           // a blocking execute_job's node: ending it runs no user code
-  bool pooled_slot = false;              // callback_node: built in a slot of the batcher's pool
-  std::uint8_t batch_trigger = 0;        // detail::batch_queue, in a queued batch's first node only: a
-                                         // Trigger in one byte (the enum itself takes four)
+  bool admission_counted = false; // took a max_pending_jobs place (detail::admission::reserve)
+  bool ends_by_signal = false;    // a blocking execute_job's node: ending it runs no user code
+  bool pooled_slot = false;       // callback_node: built in a slot of the batcher's pool
+  std::uint8_t batch_trigger = 0; // detail::batch_queue, in a queued batch's first node only: a
+                                  // Trigger in one byte (the enum itself takes four)
 };
 
 /// `submit(job)`: one heap block holds the node and an arena from which its `std::promise` allocates
