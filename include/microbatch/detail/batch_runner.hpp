@@ -18,6 +18,7 @@
 #include "../options.hpp"
 #include "batch_queue.hpp"
 #include "correlation.hpp"
+#include "counters.hpp"
 #include "job_node.hpp"
 
 namespace microbatch::detail {

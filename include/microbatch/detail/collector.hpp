@@ -17,6 +17,7 @@
 #include "batch_forming.hpp"
 #include "batch_queue.hpp"
 #include "collector_clock.hpp"
+#include "counters.hpp"
 #include "job_node.hpp"
 #include "ready_queue.hpp"
 

@@ -9,9 +9,11 @@
 
 #include "../options.hpp"
 #include "histogram.hpp"
-#include "job_node.hpp"
 
 namespace microbatch::detail {
+
+/// Why a job failed, for the counters in `Stats`.
+enum class failure { other, expired, cancelled };
 
 /// What `Batcher::stats()` reports, counted as it happens. Every thread of the batcher counts here
 /// (submitters their refusals, whoever dispatches a batch its trigger, whoever ends a job its end,

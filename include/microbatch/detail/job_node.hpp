@@ -45,9 +45,6 @@ template <class Error, class Message> std::exception_ptr make_error(Message&& me
   }
 }
 
-/// Why a job failed, for the counters in `Stats`.
-enum class failure { other, expired, cancelled };
-
 /// The error of a job whose deadline passed while it was queued.
 inline std::exception_ptr expired_error() noexcept {
   return make_error<deadline_exceeded>(
