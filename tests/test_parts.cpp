@@ -350,20 +350,18 @@ TEST_CASE("batch queue: a popped batch, measured, has its jobs, size, last, trig
   CHECK(ids(removed) == std::vector<int>{0, 3});
   REQUIRE(queue.count() == 2);
 
-  auto first = queue.pop();
-  first.measure();
-  CHECK(ids(first) == std::vector<int>{1, 2});
-  CHECK(first.size == 2);
-  CHECK(first.last == &nodes[2]);
-  CHECK(first.trigger == microbatch::Trigger::delay);
-  CHECK(first.first->arrival == t0);
-  auto second = queue.pop();
-  second.measure();
-  CHECK(ids(second) == std::vector<int>{4, 5});
-  CHECK(second.size == 2);
-  CHECK(second.last == &nodes[5]);
-  CHECK(second.trigger == microbatch::Trigger::idle);
-  CHECK(second.first->arrival == t0 + 2s);
+  // Each popped batch, measured, keeps its members, trigger and start.
+  auto check_next = [&](std::vector<int> expected, node* last, microbatch::Trigger why, time_point started) {
+    auto popped = queue.pop();
+    popped.measure();
+    CHECK(ids(popped) == expected);
+    CHECK(popped.size == expected.size());
+    CHECK(popped.last == last);
+    CHECK(popped.trigger == why);
+    CHECK(popped.first->arrival == started);
+  };
+  check_next({1, 2}, &nodes[2], microbatch::Trigger::delay, t0);
+  check_next({4, 5}, &nodes[5], microbatch::Trigger::idle, t0 + 2s);
   CHECK(queue.empty());
 }
 
