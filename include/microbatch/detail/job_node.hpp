@@ -169,8 +169,6 @@ public:
 
   /// A new node holding `job`, with its promise ready. Thread-safe.
   static promise_node* create(Job&& submitted) {
-    static_assert(std::is_standard_layout_v<block> && offsetof(block, node_storage) == 0,
-                  "home_block: a node starts where its block does");
     void* raw = allocate_block();
     auto* home = ::new (raw) block;
     try {
@@ -204,17 +202,19 @@ private:
   // libc++ (19) asks for one block: 128 bytes of state (counts, mutex, condition variable, exception)
   // plus the Result. Other versions may ask for more: what does not fit comes from the heap.
   static constexpr std::size_t arena_bytes =
-      136 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? alignof(Result) : 0);
+      136 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? 2 * alignof(Result) : 0);
 #else
   // libstdc++ 12 asks for 56 bytes (the shared state with its control block), then 32 + sizeof(Result)
   // rounded up to 8 (the result holder, which keeps a copy of this allocator). Other libraries may ask
-  // for more: what does not fit comes from the heap (test_allocations checks the count here).
+  // for more: what does not fit comes from the heap (test_allocations checks the count here). Both
+  // libraries: for an over-aligned Result, room to align each of the two allocations in the arena.
   static constexpr std::size_t arena_bytes =
-      88 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? alignof(Result) : 0);
+      88 + (sizeof(Result) + 7) / 8 * 8 + (alignof(Result) > 8 ? 2 * alignof(Result) : 0);
 #endif
 
   promise_node(Job&& submitted, block* home)
-      : job_node<Job, Result>(std::move(submitted)), promise(std::allocator_arg, arena_allocator<char>(home)) {}
+      : job_node<Job, Result>(std::move(submitted)), promise(std::allocator_arg, arena_allocator<char>(home)),
+        home_(home) {}
 
   static void* allocate_block() {
     if constexpr (alignof(block) > __STDCPP_DEFAULT_NEW_ALIGNMENT__) {
@@ -232,35 +232,34 @@ private:
   }
 
   void destroy() noexcept {
-    block* home = home_block();
+    block* home = home_;
     this->~promise_node(); // drops the promise's hold on the shared state
     home->release();
   }
 
-  /// The block this node was built in: at its start (`node_storage` is its first member), so the node
-  /// needs no pointer back to it (8 bytes less per pending job, W2).
-  block* home_block() noexcept {
-    return std::launder(reinterpret_cast<block*>(static_cast<void*>(this)));
-  }
+  // The block this node was built in. A pointer, not an address computed from `this`: the node lives
+  // in the block's storage, but a pointer to it may not be used to reach the rest of the block.
+  block* const home_;
 };
 
 // Raw storage is left uninitialised on purpose: the node and the promise state are built into it.
 // NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init)
-// Standard layout, `node_storage` first: the node starts where its block does (`home_block`). The two
-// counts take 4 bytes each, so that with an 8-byte job and result the block is 192 bytes (libstdc++).
+// The two counts take 4 bytes each and the arena is aligned only as a pointer is (an allocation is
+// aligned within it as it asks), so that with an 8-byte job and result the block is 200 bytes, which
+// glibc's malloc serves from the same 208-byte chunk as 192 (libstdc++; W2's bytes per pending job).
 template <class Job, class Result> struct promise_node<Job, Result>::block {
   alignas(promise_node) unsigned char node_storage[sizeof(promise_node)];
   std::atomic<std::uint32_t> references{1}; // the node, plus one per live arena allocation (at most 3)
-  std::uint32_t used = 0;                   // bump offset into arena; only the promise's constructor allocates
-  alignas(std::max_align_t) unsigned char arena[arena_bytes];
+  std::uint32_t used = 0;                   // bytes of arena taken; only the promise's constructor allocates
+  alignas(void*) unsigned char arena[arena_bytes];
 
   void* bump(std::size_t size, std::size_t alignment) noexcept {
-    if (alignment > alignof(std::max_align_t)) return nullptr;
-    const std::size_t start = (used + alignment - 1) / alignment * alignment;
-    if (start + size > arena_bytes) return nullptr;
-    used = static_cast<std::uint32_t>(start + size);
+    void* start = arena + used;
+    std::size_t space = arena_bytes - used;
+    if (std::align(alignment, size, start, space) == nullptr) return nullptr;
+    used = static_cast<std::uint32_t>(static_cast<unsigned char*>(start) - arena + size);
     references.fetch_add(1, std::memory_order_relaxed);
-    return arena + start;
+    return start;
   }
   bool owns(const void* p) const noexcept {
     auto* byte = static_cast<const unsigned char*>(p);
