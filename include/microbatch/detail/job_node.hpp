@@ -243,10 +243,10 @@ private:
 };
 
 // Raw storage is left uninitialised on purpose: the node and the promise state are built into it.
-// NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init)
 // The two counts take 4 bytes each and the arena is aligned only as a pointer is (an allocation is
 // aligned within it as it asks), so that with an 8-byte job and result the block is 200 bytes, which
 // glibc's malloc serves from the same 208-byte chunk as 192 (libstdc++; W2's bytes per pending job).
+// NOLINTNEXTLINE(cppcoreguidelines-pro-type-member-init)
 template <class Job, class Result> struct promise_node<Job, Result>::block {
   alignas(promise_node) unsigned char node_storage[sizeof(promise_node)];
   std::atomic<std::uint32_t> references{1}; // the node, plus one per live arena allocation (at most 3)
