@@ -519,6 +519,63 @@ TEST_CASE("slot pool: gathered slots come back together, none lost or handed out
   CHECK_FALSE(std::binary_search(all.begin(), all.end(), beyond, std::less<>()));
 }
 
+TEST_CASE("slot pool: a large batch's slots rest behind newer ones before they are handed out again", "[parts]") {
+  using pool_type = microbatch::detail::slot_pool<48, 8>;
+  pool_type pool;
+  const std::size_t large = pool_type::min_resting_slots();
+  REQUIRE(large > 1);
+  auto take = [&](std::size_t count) {
+    std::set<void*> taken;
+    for (std::size_t i = 0; i < count; ++i)
+      taken.insert(pool.acquire().memory);
+    REQUIRE(taken.size() == count);
+    return taken;
+  };
+  auto give_back = [&](const std::set<void*>& slots) {
+    pool_type::gathered gathered;
+    for (void* slot : slots)
+      pool.gather({slot, true}, gathered);
+    pool.release_gathered(gathered);
+  };
+  auto disjoint = [](const std::set<void*>& a, const std::set<void*>& b) {
+    return std::none_of(a.begin(), a.end(), [&](void* slot) { return b.count(slot) != 0; });
+  };
+
+  // One slot fewer: free at once, on top of the free stack.
+  const std::set<void*> small = take(large - 1);
+  give_back(small);
+  CHECK(take(large - 1) == small);
+
+  SECTION("it rests until resting_chains newer chains came back") {
+    const std::set<void*> first = take(large);
+    give_back(first);
+    std::vector<std::set<void*>> newer;
+    for (std::size_t i = 0; i + 1 < pool_type::resting_chains; ++i) {
+      newer.push_back(take(large));
+      CHECK(disjoint(newer.back(), first));
+    }
+    for (const auto& chain : newer)
+      give_back(chain); // resting_chains chains rest now, `first` the oldest
+    const std::set<void*> probe = take(large);
+    CHECK(disjoint(probe, first));
+    give_back(probe); // one more: `first` is free again, on top
+    CHECK(take(large) == first);
+  }
+  SECTION("it rests until the chains newer than it hold more than resting_bytes") {
+    // resting_bytes hold between large * resting_chains and (large + 1) * resting_chains - 1 slots.
+    REQUIRE(large >= pool_type::resting_chains); // so one more large chain takes the newer ones past that
+    const std::set<void*> first = take(large);
+    give_back(first);
+    const std::set<void*> bulk = take(large * pool_type::resting_chains); // not more than resting_bytes
+    CHECK(disjoint(bulk, first));
+    give_back(bulk);
+    const std::set<void*> probe = take(large);
+    CHECK(disjoint(probe, first));
+    give_back(probe); // the chains newer than `first` now hold more: it is free again, on top
+    CHECK(take(large) == first);
+  }
+}
+
 TEST_CASE("counters: each trigger and failure counts where Stats says; ends are read before arrivals", "[parts]") {
   using microbatch::Trigger;
   using microbatch::detail::failure;
