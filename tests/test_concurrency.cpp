@@ -119,3 +119,32 @@ TEST_CASE("many producers, every submission style, every result right", "[concur
   CHECK(stats.jobs_completed == producers * jobs_each);
   CHECK(stats.pending_jobs == 0);
 }
+
+TEST_CASE("callbacks in large batches from several threads: each runs once, with its own result", "[concurrency]") {
+  // Batches of 1000: their callback slots rest before they are handed out again (detail::slot_pool),
+  // while two workers give batches back and three threads take slots and grow the pool.
+  microbatch::Batcher batcher(doubled, &Job::id, &Result::id,
+                              Options{.max_batch_size = 1000, .max_batch_delay = 1ms, .max_concurrent_batches = 2});
+  constexpr int producers = 3, jobs_each = 20000;
+  std::atomic<int> wrong{0};
+  std::latch all_ran(producers * jobs_each);
+  std::vector<std::thread> threads;
+  for (int p = 0; p < producers; ++p) {
+    threads.emplace_back([&, p] {
+      for (int i = 0; i < jobs_each; ++i) {
+        const auto id = std::uint64_t(p) * 100000 + std::uint64_t(i);
+        batcher.submit({id, i}, [&wrong, &all_ran, id, i](microbatch::Outcome<Result>&& outcome) {
+          if (!outcome.has_value() || outcome.value().id != id || outcome.value().value != 2 * i) ++wrong;
+          all_ran.count_down();
+        });
+      }
+    });
+  }
+  for (auto& t : threads)
+    t.join();
+  all_ran.wait();
+  CHECK(wrong.load() == 0);
+  const auto stats = batcher.stats();
+  CHECK(stats.jobs_completed == producers * jobs_each);
+  CHECK(stats.pending_jobs == 0);
+}

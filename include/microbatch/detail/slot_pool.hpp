@@ -97,7 +97,7 @@ public:
   /// just written them, so a slot handed out again at once costs its next user, on the submit path, a
   /// cache-line transfer from that thread's core for each of its lines. Slots that rested behind a
   /// level-2 cache's worth of newer ones have left that core's cache (W2cb, an outside thread
-  /// submitting callbacks in batches of 1000: about 1.3x the jobs per second of reusing them at once).
+  /// submitting callbacks in batches of 1000: 20.8 against 14.9 M jobs/s, medians of 60 alternated runs).
   /// The price: once large batches have come back, the pool holds up to `resting_bytes` more.
   void release_gathered(gathered& slots) noexcept {
     if (slots.empty()) return;
