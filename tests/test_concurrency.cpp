@@ -121,10 +121,11 @@ TEST_CASE("many producers, every submission style, every result right", "[concur
 }
 
 TEST_CASE("callbacks in large batches from several threads: each runs once, with its own result", "[concurrency]") {
-  // Batches of 1000: their callback slots rest before they are handed out again (detail::slot_pool),
-  // while two workers give batches back and three threads take slots and grow the pool.
+  // Batches of 1000 (every one fills: 60 of them, no timer): their callback slots rest before they are
+  // handed out again (detail::slot_pool), while two workers give batches back and three threads take
+  // slots and grow the pool.
   microbatch::Batcher batcher(doubled, &Job::id, &Result::id,
-                              Options{.max_batch_size = 1000, .max_batch_delay = 1ms, .max_concurrent_batches = 2});
+                              Options{.max_batch_size = 1000, .max_batch_delay = 0s, .max_concurrent_batches = 2});
   constexpr int producers = 3, jobs_each = 20000;
   std::atomic<int> wrong{0};
   std::latch all_ran(producers * jobs_each);
@@ -147,4 +148,5 @@ TEST_CASE("callbacks in large batches from several threads: each runs once, with
   const auto stats = batcher.stats();
   CHECK(stats.jobs_completed == producers * jobs_each);
   CHECK(stats.pending_jobs == 0);
+  CHECK(stats.batches_full == producers * jobs_each / 1000);
 }

@@ -561,18 +561,35 @@ TEST_CASE("slot pool: a large batch's slots rest behind newer ones before they a
     give_back(probe); // one more: `first` is free again, on top
     CHECK(take(large) == first);
   }
-  SECTION("it rests until the chains newer than it hold more than resting_bytes") {
-    // resting_bytes hold between large * resting_chains and (large + 1) * resting_chains - 1 slots.
-    REQUIRE(large >= pool_type::resting_chains); // so one more large chain takes the newer ones past that
+  SECTION("it rests until the large chains newer than it hold more than max_resting_slots()") {
+    const std::size_t most = pool_type::max_resting_slots(); // resting_bytes of slots
+    REQUIRE(most >= 2 * large);
     const std::set<void*> first = take(large);
     give_back(first);
-    const std::set<void*> bulk = take(large * pool_type::resting_chains); // not more than resting_bytes
+    const std::set<void*> bulk = take(most - large);
     CHECK(disjoint(bulk, first));
     give_back(bulk);
-    const std::set<void*> probe = take(large);
-    CHECK(disjoint(probe, first));
-    give_back(probe); // the chains newer than `first` now hold more: it is free again, on top
+    const std::set<void*> exactly = take(large);
+    CHECK(disjoint(exactly, first));
+    give_back(exactly); // newer than `first`: exactly max_resting_slots(), so it still rests
+    const std::set<void*> over = take(large);
+    CHECK(disjoint(over, first));
+    give_back(over); // newer: one chain more than that: `first` is free again, on top
     CHECK(take(large) == first);
+  }
+  SECTION("in a long run each chain wakes when the resting_chains-th chain after it comes back") {
+    const std::size_t count = 2 * pool_type::resting_chains + 2;
+    std::vector<std::set<void*>> chains;
+    for (std::size_t i = 0; i < count; ++i)
+      chains.push_back(take(large));
+    for (const auto& chain : chains)
+      give_back(chain);
+    // The first count - resting_chains woke, in order, so the last of them is on top; the rest rest.
+    for (std::size_t woken = count - pool_type::resting_chains; woken-- > 0;)
+      CHECK(take(large) == chains[woken]);
+    const std::set<void*> next = take(large);
+    for (std::size_t resting = count - pool_type::resting_chains; resting < count; ++resting)
+      CHECK(disjoint(next, chains[resting]));
   }
 }
 

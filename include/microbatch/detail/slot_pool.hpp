@@ -12,14 +12,14 @@
 
 namespace microbatch::detail {
 
-/// Fixed-size slots handed out and returned by any thread without a lock: a Treiber stack whose head
+/// Fixed-size slots handed out and returned by any thread without a lock (but for a large batch's
+/// slots given back together, which take a mutex once, see `release_gathered`): a Treiber stack whose head
 /// packs a 32-bit slot index with a 32-bit tag (bumped on every change) into one 64-bit atomic, which
 /// defeats ABA. Slots live in slabs that are freed only with the pool, so reading a slot that another
 /// thread has just taken is harmless (the tag makes that compare-exchange fail). Allocates only when
 /// it grows (one slab of `slab_slots` at a time, under a mutex); past `max_slabs` slabs it falls back
-/// to plain operator new. Slots that a batch gives back together rest before they are handed out
-/// again when that batch was large (`release_gathered`). All members thread-safe; the destructor
-/// requires every slot returned.
+/// to plain operator new. All members thread-safe; the destructor requires every slot returned
+/// (resting ones count as returned).
 template <std::size_t Size, std::size_t Align> class slot_pool {
   struct slot;
 
@@ -91,14 +91,17 @@ public:
   }
 
   /// Gives every gathered slot back; `slots` is empty afterwards. A chain of at least
-  /// `min_resting_slots()` (a large batch's) rests first: its slots are free again once the chains that
-  /// came back after it hold more than `resting_bytes` of slots, or once `resting_chains` chains came
-  /// back after it. Smaller chains are free at once. Why: the thread that gathers a batch's slots has
-  /// just written them, so a slot handed out again at once costs its next user, on the submit path, a
-  /// cache-line transfer from that thread's core for each of its lines. Slots that rested behind a
-  /// level-2 cache's worth of newer ones have left that core's cache (W2cb, an outside thread
-  /// submitting callbacks in batches of 1000: 20.8 against 14.9 M jobs/s, medians of 60 alternated runs).
-  /// The price: once large batches have come back, the pool holds up to `resting_bytes` more.
+  /// `min_resting_slots()` (a large batch's) rests first, and its slots are free again once the
+  /// large chains given back after it hold more than `max_resting_slots()` slots, or once
+  /// `resting_chains` of them came back after it (oldest first). Smaller chains, and slots given
+  /// back one by one, are free at once and do not count. Why: the thread that gathers a batch's
+  /// slots has just written them, so a slot handed out again at once costs its next user, on the
+  /// submit path, a cache-line transfer from that thread's core for each of its lines; slots that
+  /// rested behind a level-2 cache's worth of newer ones have likely left that cache (W2cb, an
+  /// outside thread submitting callbacks in batches of 1000: 20.8 against 14.9 M jobs/s, medians of
+  /// 60 alternated runs). The price: the pool holds up to `max_resting_slots()` slots more, plus
+  /// the oldest resting chain (any batch size); when large batches stop coming back, the chains
+  /// resting then stay out of use until more do, or the pool is destroyed.
   void release_gathered(gathered& slots) noexcept {
     if (slots.empty()) return;
     if (slots.count_ < min_resting_slots()) {
@@ -109,26 +112,25 @@ public:
       resting_[(resting_oldest_ + resting_count_) % resting_chains] = slots;
       ++resting_count_;
       resting_slots_ += slots.count_;
-      while (resting_slots_ - resting_[resting_oldest_].count_ > resting_slot_cap())
+      while (resting_slots_ - resting_[resting_oldest_].count_ > max_resting_slots())
         wake_oldest();
     }
     slots = gathered{};
   }
 
-  /// How long a large chain rests (see `release_gathered`): behind this many bytes of newer slots, and
-  /// at most this many newer chains.
+  /// How long a large chain rests (see `release_gathered`): behind `resting_bytes` of newer slots
+  /// (`max_resting_slots()` of them), and at most `resting_chains` newer chains.
   static constexpr std::size_t resting_bytes = std::size_t{2} << 20;
   static constexpr std::size_t resting_chains = 64;
-  /// The smallest chain that rests: `resting_chains` of them fill `resting_bytes`.
+  static constexpr std::size_t max_resting_slots() noexcept { return resting_bytes / sizeof(slot); }
+  /// The smallest chain that rests: `resting_chains` of them fill `max_resting_slots()` (at least 1 slot).
   static constexpr std::size_t min_resting_slots() noexcept {
-    return resting_slot_cap() / resting_chains > 0 ? resting_slot_cap() / resting_chains : 1;
+    return max_resting_slots() / resting_chains > 0 ? max_resting_slots() / resting_chains : 1;
   }
 
 private:
   // The bytes are the slot's first member: the slot starts where they do.
   static slot* slot_of(void* memory) noexcept { return reinterpret_cast<slot*>(memory); }
-
-  static constexpr std::size_t resting_slot_cap() noexcept { return resting_bytes / sizeof(slot); }
 
   /// (resting_mutex_ held) The oldest resting chain's slots become free.
   void wake_oldest() noexcept {
