@@ -789,8 +789,13 @@ std::vector<std::uint64_t> zipf_keys(std::size_t count, std::size_t keys, double
   return drawn;
 }
 
+// How many distinct keys W7 draws from.
+std::uint64_t w7_key_count() {
+  return smoke ? 2'000 : 10'000;
+}
+
 const std::vector<std::uint64_t>& w7_keys() {
-  static const std::vector<std::uint64_t> keys = zipf_keys(smoke ? 6'400 : 1'000'000, smoke ? 2'000 : 10'000, 1.0, 7);
+  static const std::vector<std::uint64_t> keys = zipf_keys(smoke ? 6'400 : 1'000'000, w7_key_count(), 1.0, 7);
   return keys;
 }
 
@@ -808,7 +813,7 @@ struct w7_floor_plan {
 const w7_floor_plan& w7_floor() {
   static const w7_floor_plan plan = [] {
     const auto& keys = w7_keys();
-    const std::uint64_t key_count = smoke ? 2'000 : 10'000;
+    const std::uint64_t key_count = w7_key_count();
     w7_floor_plan made;
     made.jobs.resize(keys.size());
     made.miss.resize(keys.size());
@@ -857,7 +862,7 @@ void w7_data_loader(benchmark::State& state) {
       (void)w7_floor(); // the replay, before timing
       floor_batcher.emplace(
           KeyEcho{}, [](std::uint64_t key) { return key; }, &Result::id, microbatch::Options{});
-      for (std::uint64_t key = 0; key < (smoke ? 2'000u : 10'000u); ++key) {
+      for (std::uint64_t key = 0; key < w7_key_count(); ++key) {
         std::promise<Result> answered;
         answered.set_value({key});
         ready.push_back(answered.get_future().share());
@@ -1036,9 +1041,9 @@ void print_table() {
   if (table.count("W7 DataLoader unbounded") != 0)
     std::printf(
         "W7: baseline = one std::mutex around an unordered_map of shared_futures in front of the same batcher;\n"
-        "    microbatch = microbatch::DataLoader (64 threads, %zu loads, Zipf s=1 over %d keys);\n"
+        "    microbatch = microbatch::DataLoader (64 threads, %zu loads, Zipf s=1 over %llu keys);\n"
         "    'vs LRU map': the baseline is the same plain design with a least-recently-used bound of 1000\n",
-        w7_keys().size(), smoke ? 2'000 : 10'000);
+        w7_keys().size(), static_cast<unsigned long long>(w7_key_count()));
 }
 
 } // namespace

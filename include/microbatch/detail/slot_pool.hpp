@@ -13,13 +13,13 @@
 namespace microbatch::detail {
 
 /// Fixed-size slots handed out and returned by any thread without a lock (but for a large batch's
-/// slots given back together, which take a mutex once, see `release_gathered`): a Treiber stack whose head
-/// packs a 32-bit slot index with a 32-bit tag (bumped on every change) into one 64-bit atomic, which
-/// defeats ABA. Slots live in slabs that are freed only with the pool, so reading a slot that another
-/// thread has just taken is harmless (the tag makes that compare-exchange fail). Allocates only when
-/// it grows (one slab of `slab_slots` at a time, under a mutex); past `max_slabs` slabs it falls back
-/// to plain operator new. All members thread-safe; the destructor requires every slot returned
-/// (resting ones count as returned).
+/// slots given back together, which take a mutex once, see `release_gathered`): a Treiber stack
+/// whose head packs a 32-bit slot index with a 32-bit tag (bumped on every change) into one 64-bit
+/// atomic, which defeats ABA. Slots live in slabs that are freed only with the pool, so reading a
+/// slot that another thread has just taken is harmless (the tag makes that compare-exchange fail).
+/// Allocates only when it grows (one slab of `slab_slots` at a time, under a mutex); past
+/// `max_slabs` slabs it falls back to plain operator new. All members thread-safe; the destructor
+/// requires every slot returned (resting ones count as returned).
 template <std::size_t Size, std::size_t Align> class slot_pool {
   struct slot;
 
