@@ -272,6 +272,31 @@ TEST_CASE("duplicate_id names the later job, not the earlier one, also when IDs 
              Catch::Contains("job at position 2 of its batch has the same ID as the earlier job at position 0"));
 }
 
+TEST_CASE("error messages give the job's position in its batch, also after jobs left out before it", "[correlation]") {
+  // The processor answers every job but ID 3. Positions count every job dispatched in the batch, also
+  // those left out before the processor (here the duplicates), which an admitted job's index does not.
+  auto all_but_three = [](std::span<Job> jobs) {
+    std::vector<Result> results;
+    for (const Job& job : jobs)
+      if (job.id != 3) results.push_back({job.id, 2 * job.value});
+    return results;
+  };
+  microbatch::Batcher batcher(all_but_three, &Job::id, &Result::id,
+                              Options{.max_batch_size = 5, .max_batch_delay = 0s});
+  auto first = batcher.submit({1, 1});
+  auto first_again = batcher.submit({1, 2}); // position 1: left out, a duplicate
+  auto second = batcher.submit({2, 3});
+  auto second_again = batcher.submit({2, 4}); // position 3: a duplicate of position 2, admitted index 1
+  auto unanswered = batcher.submit({3, 5});   // position 4, admitted index 2
+  CHECK(first.get().value == 2);
+  CHECK(second.get().value == 6);
+  CHECK_THAT(error_message(first_again), Catch::Contains("job at position 1 of its batch (ID 1) has the same ID as "
+                                                         "the earlier job at position 0"));
+  CHECK_THAT(error_message(second_again), Catch::Contains("job at position 3 of its batch (ID 2) has the same ID as "
+                                                          "the earlier job at position 2"));
+  CHECK_THAT(error_message(unanswered), Catch::Contains("no result for the job at position 4 of its batch (ID 3)"));
+}
+
 TEST_CASE("a string_view result ID against a by-value string job ID never dangles", "[correlation]") {
   struct Named {
     std::string name;

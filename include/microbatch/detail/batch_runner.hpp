@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -119,10 +120,11 @@ public:
 
   void run(job_list<node_type>& offered) override {
     coalesce_ = can_coalesce_ && host_.coalesce_duplicates();
-    const auto now_time = host_.now();
-    const auto started = offered.first != nullptr && offered.first->arrival != time_point::min()
-                             ? offered.first->arrival
-                             : now_time; // the batch's start (its oldest job's arrival)
+    // The time is read for the first job that has a deadline: a batch without deadlines pays no
+    // clock read for them (a clock read costs about as much as a job's whole admission here).
+    std::optional<time_point> now_time;
+    // The batch's start is its oldest job's arrival, read before any job can end (and be freed).
+    const time_point first_arrival = offered.first != nullptr ? offered.first->arrival : time_point::min();
     failed_ = 0;
     admitted_weight_ = 0;
     jobs_.clear();
@@ -157,9 +159,12 @@ public:
         job->abandon();
         continue;
       }
-      if (job->deadline <= now_time) {
-        fail(job, expired_error(), failure::expired);
-        continue;
+      if (job->deadline != time_point::max()) {
+        if (!now_time) now_time = host_.now();
+        if (job->deadline <= *now_time) {
+          fail(job, expired_error(), failure::expired);
+          continue;
+        }
       }
       admit(job, position);
     }
@@ -169,6 +174,7 @@ public:
     std::vector<Result> results;
     std::exception_ptr processor_error;
     const auto called = host_.now();
+    const auto started = first_arrival != time_point::min() ? first_arrival : called;
     try {
       results = host_.call_processor(std::span<Job>(jobs_));
     } catch (...) {
@@ -222,15 +228,32 @@ private:
       fail(job, make_error<duplicate_id>([&] {
              return "microbatch: the job at position " + std::to_string(position) + " of its batch" +
                     correlation_.describe_id(earlier) + " has the same ID as the earlier job at position " +
-                    std::to_string(positions_[earlier]) + "; it was not processed";
+                    std::to_string(position_of(earlier)) + "; it was not processed";
            }),
            failure::other);
       return;
     }
     admitted_.push_back(job);
-    positions_.push_back(position);
+    note_position(position);
     admitted_weight_ += job->weight;
     if (coalesce_) first_follower_.push_back(no_match);
+  }
+
+  /// Records the position of the job just admitted, for error messages. While no job of the batch
+  /// was left out (cancelled, expired, failed, a duplicate), positions equal admitted indexes and
+  /// nothing is recorded (capacity reserved in run(): no allocation).
+  void note_position(std::size_t position) {
+    const std::size_t index = admitted_.size() - 1;
+    if (positions_.empty()) {
+      if (position == index) return;
+      for (std::size_t earlier = 0; earlier < index; ++earlier)
+        positions_.push_back(earlier);
+    }
+    positions_.push_back(position);
+  }
+
+  [[nodiscard]] std::size_t position_of(std::size_t index) const noexcept {
+    return positions_.empty() ? index : positions_[index];
   }
 
   /// Ends admitted job `index` with `value`, after giving each job that shares its slot a copy. The
@@ -262,6 +285,10 @@ private:
   /// Matches results to admitted jobs, then ends them: the jobs that get a result are claimed and
   /// counted together (one atomic add per batch, not per job) before any of them is finished.
   void correlate(std::vector<Result>& results) {
+    if (answers_in_order(results)) {
+      finish_in_order(results);
+      return;
+    }
     answered_.assign(admitted_.size(), false); // capacity reserved in run(): no allocation
     matched_.clear();
     try {
@@ -304,17 +331,43 @@ private:
       if (answered_[index]) continue;
       fail_admitted(index, make_error<no_result>([&] {
                       return "microbatch: the processor returned no result for the job at position " +
-                             std::to_string(positions_[index]) + " of its batch" + correlation_.describe_id(index);
+                             std::to_string(position_of(index)) + " of its batch" + correlation_.describe_id(index);
                     }));
     }
     if (uncorrelated != 0) host_.count_uncorrelated(uncorrelated);
+  }
+
+  /// True if result i answers admitted job i, for every job: what most processors return, and then
+  /// `finish_in_order` ends the batch without `correlate`'s bookkeeping per result.
+  [[nodiscard]] bool answers_in_order(const std::vector<Result>& results) const noexcept {
+    if (results.size() != admitted_.size()) return false;
+    for (std::size_t index = 0; index < results.size(); ++index)
+      if (correlation_.match(results[index], index, admitted_.size()) != index) return false;
+    return true;
+  }
+
+  /// `correlate` for results in the jobs' order: claims and counts them together, then ends each.
+  void finish_in_order(std::vector<Result>& results) {
+    std::uint64_t completed = 0;
+    for (node_type*& job : admitted_) {
+      if (job->try_claim()) {
+        ++completed;
+      } else {
+        job->abandon(); // its caller cancelled it meanwhile: only the result is dropped
+        job = nullptr;  // not to be finished; its followers (coalesce) still get their copies
+      }
+    }
+    if (completed != 0) host_.count_completed(completed);
+    for (std::size_t index = 0; index < results.size(); ++index)
+      succeed(index, std::move(results[index]), admitted_[index] != nullptr);
   }
 
   runner_host<Job, Result>& host_;
   Correlation correlation_;
   std::vector<Job> jobs_;              // the span handed to the processor; capacity reused
   std::vector<node_type*> admitted_;   // admitted_[i] owns jobs_[i]
-  std::vector<std::size_t> positions_; // positions_[i]: admitted_[i]'s position in its batch
+  std::vector<std::size_t> positions_; // positions_[i]: admitted_[i]'s position in its batch, or empty
+                                       // while every position equals its index (position_of)
   std::vector<bool> answered_;
   std::vector<bool> claimed_;        // per admitted job: claimed by this runner for its result
   std::vector<std::size_t> matched_; // per result: the admitted job it answers, or no_match
