@@ -505,18 +505,24 @@ template <class B> void w4_full_batches(benchmark::State& state) {
 
 // W1co and W4co: 64 coroutines started from one thread, each awaiting async_execute_job n times in a
 // row (size 64; delay 1 ms for W1co, 100 ms for W4co, so that every W4co batch fills). Per-job latency
-// from just before the co_await to the resumption. Context switches per batch from getrusage.
+// from the previous job's resumption (or the start) to this job's. Context switches per batch from getrusage.
 template <class B>
 coroutine_task timed_coroutine(B& batcher, std::uint64_t request, int jobs, std::atomic<bool>& wrong,
                                std::vector<double>* latencies_us, std::latch& done) {
+  // The clock only where latencies are wanted (W4co), and once per job: a job's resumption is where the
+  // next one starts, so the time read there ends one latency and begins the next (which then also
+  // counts the few instructions before its co_await). A read costs about 28 ns on this VM; with one
+  // per job `perf` found a third of W1co's time in the clock, which would dilute what is measured.
+  auto started = latencies_us != nullptr ? clock_type::now() : clock_type::time_point{};
   for (int i = 0; i < jobs; ++i) {
     const std::uint64_t id = (request << 32) | std::uint64_t(i);
-    // The clock only where latencies are wanted (W4co): with a read per job, `perf` found a third of
-    // W1co's time in the clock on this VM, which would dilute what is measured there.
-    const auto t0 = latencies_us != nullptr ? clock_type::now() : clock_type::time_point{};
     const Result result = co_await batcher.async_execute_job(Job{id}); // Job is trivial: no g++ 12 issue
     if (result.id != id) wrong = true;
-    if (latencies_us != nullptr) latencies_us->push_back(seconds_between(t0, clock_type::now()) * 1e6);
+    if (latencies_us != nullptr) {
+      const auto resumed = clock_type::now();
+      latencies_us->push_back(seconds_between(started, resumed) * 1e6);
+      started = resumed;
+    }
   }
   done.count_down();
 }
