@@ -295,6 +295,23 @@ TEST_CASE("error messages give the job's position in its batch, also after jobs 
   CHECK_THAT(error_message(second_again), Catch::Contains("job at position 3 of its batch (ID 2) has the same ID as "
                                                           "the earlier job at position 2"));
   CHECK_THAT(error_message(unanswered), Catch::Contains("no result for the job at position 4 of its batch (ID 3)"));
+
+  // The first job left out (its ID cannot be read): every later position is one past its index.
+  auto id_of = [](const Job& job) {
+    if (job.value < 0) throw std::domain_error("bad job id");
+    return job.id;
+  };
+  microbatch::Batcher<Job, Result, decltype(all_but_three)> unreadable_first(
+      all_but_three, id_of, &Result::id, Options{.max_batch_size = 4, .max_batch_delay = 0s});
+  auto bad = unreadable_first.submit({9, -1}); // position 0: left out
+  auto five = unreadable_first.submit({5, 1});
+  auto five_again = unreadable_first.submit({5, 2}); // position 2: a duplicate of position 1
+  auto three = unreadable_first.submit({3, 3});      // position 3: no result
+  CHECK_THROWS_AS(bad.get(), std::domain_error);
+  CHECK(five.get().value == 2);
+  CHECK_THAT(error_message(five_again), Catch::Contains("job at position 2 of its batch (ID 5) has the same ID as "
+                                                        "the earlier job at position 1"));
+  CHECK_THAT(error_message(three), Catch::Contains("no result for the job at position 3 of its batch (ID 3)"));
 }
 
 TEST_CASE("a string_view result ID against a by-value string job ID never dangles", "[correlation]") {

@@ -1,6 +1,8 @@
 // Deadlines and cancellation: jobs leave the queue on time, even while every processor slot is busy.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "support.hpp"
 
 using namespace test;
@@ -93,6 +95,41 @@ TEST_CASE("cancelling a job in the processor returns at once - its result is dis
   CHECK(stats.jobs_cancelled == 1);
   CHECK(stats.jobs_completed == 0);
   CHECK(stats.uncorrelated_results == 0);
+}
+
+TEST_CASE("cancelling, in the processor, a job whose ID later jobs share: they still get its result",
+          "[deadlines][cancel][correlation]") {
+  // Results in the jobs' order take the worker's short path; reversed, its general one.
+  const bool reversed = GENERATE(false, true);
+  gate held;
+  auto process = [&held, reversed](std::span<Job> jobs) {
+    held.enter();
+    auto results = doubled(jobs);
+    if (reversed) std::reverse(results.begin(), results.end());
+    return results;
+  };
+  Options options{.max_batch_size = 3, .max_batch_delay = 0s};
+  options.duplicate_ids = microbatch::DuplicateIds::coalesce;
+  microbatch::Batcher batcher(process, &Job::id, &Result::id, options);
+  std::stop_source stop;
+  auto leader = std::async(std::launch::async, [&] { return batcher.execute_job({5, 1}, stop.get_token()); });
+  while (batcher.stats().jobs_submitted == 0)
+    std::this_thread::yield();            // wait for a state, not a time
+  auto follower = batcher.submit({5, 2}); // shares the leader's slot
+  auto other = batcher.submit({6, 3});    // fills the batch
+  held.await_entered();
+  stop.request_stop();
+  CHECK_THROWS_AS(leader.get(), microbatch::cancelled);
+  held.open();
+  CHECK(follower.get().value == 2); // the leader's result
+  CHECK(other.get().value == 6);
+  batcher.shutdown();
+  auto stats = batcher.stats();
+  CHECK(stats.jobs_completed == 2);
+  CHECK(stats.jobs_cancelled == 1);
+  CHECK(stats.jobs_coalesced == 1);
+  CHECK(stats.jobs_failed == 1);
+  CHECK(stats.pending_jobs == 0);
 }
 
 TEST_CASE("a stop requested before execute_job throws cancelled without submitting", "[deadlines][cancel]") {

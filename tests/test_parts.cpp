@@ -19,11 +19,14 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <set>
+#include <span>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -673,6 +676,141 @@ TEST_CASE("batch scope: the innermost scope of its owner saves slots and counts 
   CHECK(scope::of_thread(&pool) == nullptr);
   CHECK(returned.load() == 3);
   CHECK(pool.acquire().memory == slot); // given back when the scope ended
+}
+
+namespace {
+struct runner_job {
+  std::uint64_t id;
+};
+struct runner_result {
+  std::uint64_t id;
+};
+using runner_node_base = microbatch::detail::job_node<runner_job, runner_result>;
+
+/// A job as the runner sees it, recording how it ended.
+struct runner_node final : runner_node_base {
+  explicit runner_node(std::uint64_t id, time_point due = time_point::max(), bool cancellable = false)
+      : runner_node_base(runner_job{id}, cancellable) {
+    deadline = due;
+  }
+  void finish(runner_result&& result) noexcept override { value = result.id; }
+  void finish(std::exception_ptr failure) noexcept override { error = std::move(failure); }
+  void abandon() noexcept override { abandoned = true; }
+  std::optional<std::uint64_t> value;
+  std::exception_ptr error;
+  bool abandoned = false;
+};
+
+/// The batcher's side of a runner: a fixed time, a processor that answers in the order `order` gives
+/// (indexes into the batch; empty: in the jobs' order), and a record of what was counted.
+struct runner_rig final : microbatch::detail::runner_host<runner_job, runner_result> {
+  time_point time = t0;
+  mutable int clock_reads = 0;
+  std::vector<std::size_t> order;
+  std::function<void()> inside_processor = [] {};
+  std::uint64_t completed = 0;
+  std::uint64_t uncorrelated = 0;
+
+  [[nodiscard]] time_point now() const noexcept override {
+    ++clock_reads;
+    return time;
+  }
+  std::vector<runner_result> call_processor(std::span<runner_job> jobs) override {
+    inside_processor();
+    std::vector<runner_result> results;
+    for (std::size_t k = 0; k < jobs.size(); ++k)
+      results.push_back({jobs[order.empty() ? k : order[k]].id});
+    return results;
+  }
+  void end_job(node_type* job, runner_result&& value) noexcept override { job->finish(std::move(value)); }
+  void count_completed(std::uint64_t jobs) noexcept override { completed += jobs; }
+  void finish_claimed(node_type* job, runner_result&& value) noexcept override { job->finish(std::move(value)); }
+  void end_job(node_type* job, std::exception_ptr error, microbatch::detail::failure) noexcept override {
+    job->finish(std::move(error));
+  }
+  void count_uncorrelated(std::uint64_t results) noexcept override { uncorrelated += results; }
+  void count_coalesced(std::uint64_t) noexcept override {}
+  [[nodiscard]] bool coalesce_duplicates() const noexcept override { return false; }
+  void batch_ran(const microbatch::BatchInfo&) noexcept override {}
+};
+
+/// Runs `nodes` as one batch through a runner that correlates by ID, counting result ID reads.
+int run_batch(runner_rig& rig, std::initializer_list<runner_node*> nodes) {
+  int result_id_reads = 0;
+  auto job_id = [](const runner_job& job) { return job.id; };
+  auto result_id = [&result_id_reads](const runner_result& result) {
+    ++result_id_reads;
+    return result.id;
+  };
+  using correlation =
+      microbatch::detail::keyed_correlation<runner_job, runner_result, decltype(job_id), decltype(result_id)>;
+  microbatch::detail::correlating_runner<runner_job, runner_result, correlation> runner(rig,
+                                                                                        correlation(job_id, result_id));
+  microbatch::detail::job_list<runner_node_base> batch;
+  for (runner_node* node : nodes)
+    batch.push_back(node);
+  runner.run(batch);
+  return result_id_reads;
+}
+} // namespace
+
+TEST_CASE("runner: deadlines are judged when a worker takes the batch; the clock is read for them only if "
+          "a job has one",
+          "[parts]") {
+  runner_rig rig;
+  runner_node none(1), passed(2, t0 - 1ms), later(3, t0 + 1ms), also_none(4);
+  run_batch(rig, {&none, &passed, &later, &also_none});
+  CHECK(none.value == 1u);
+  CHECK(later.value == 3u);
+  CHECK(also_none.value == 4u);
+  REQUIRE(passed.error);
+  CHECK_THROWS_AS(std::rethrow_exception(passed.error), microbatch::deadline_exceeded);
+  CHECK(rig.completed == 3);
+  CHECK(rig.clock_reads == 3); // the deadlines, the processor's call, its return
+
+  runner_rig at_the_end_of_time; // a job without a deadline never expires, whatever the time
+  at_the_end_of_time.time = time_point::max();
+  runner_node a(1), b(2);
+  run_batch(at_the_end_of_time, {&a, &b});
+  CHECK(a.value == 1u);
+  CHECK(b.value == 2u);
+  CHECK(at_the_end_of_time.clock_reads == 2); // no job has a deadline: only the processor's call and return
+}
+
+TEST_CASE("runner: every job gets its own result, in order or not, each result's ID read once", "[parts]") {
+  using order = std::vector<std::size_t>;
+  // Parenthesised: the preprocessor would split a braced list at its commas.
+  const order answers =
+      GENERATE(order(), (order{0, 1, 2, 3}), (order{0, 2, 1, 3}), (order{3, 2, 1, 0}), (order{0, 1, 3, 2}));
+  runner_rig rig;
+  rig.order = answers;
+  runner_node a(10), b(20), c(30), d(40);
+  CHECK(run_batch(rig, {&a, &b, &c, &d}) == 4);
+  CHECK(a.value == 10u);
+  CHECK(b.value == 20u);
+  CHECK(c.value == 30u);
+  CHECK(d.value == 40u);
+  CHECK(rig.completed == 4);
+  CHECK(rig.uncorrelated == 0);
+}
+
+TEST_CASE("runner: a job its caller cancelled in the processor is dropped, not counted, in order or not", "[parts]") {
+  using order = std::vector<std::size_t>;
+  const order answers = GENERATE(order(), (order{2, 1, 0}));
+  runner_rig rig;
+  rig.order = answers;
+  runner_node a(1), b(2, time_point::max(), true), c(3);
+  rig.inside_processor = [&] {
+    REQUIRE(b.begin_cancel());
+    b.end_cancel();
+  };
+  run_batch(rig, {&a, &b, &c});
+  CHECK(a.value == 1u);
+  CHECK(c.value == 3u);
+  CHECK(b.abandoned);
+  CHECK_FALSE(b.value);
+  CHECK_FALSE(b.error);
+  CHECK(rig.completed == 2);
 }
 
 TEST_CASE("runner pool: a given-back runner is taken again; a failing factory gives null", "[parts]") {

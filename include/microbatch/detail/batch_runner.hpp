@@ -285,7 +285,11 @@ private:
   /// Matches results to admitted jobs, then ends them: the jobs that get a result are claimed and
   /// counted together (one atomic add per batch, not per job) before any of them is finished.
   void correlate(std::vector<Result>& results) {
-    if (answers_in_order(results)) {
+    // Most processors answer in the jobs' order (result i answers admitted job i): then the batch
+    // ends without the bookkeeping below. Each result's ID is read once either way: the results
+    // matched in order, and the first one out of order, are not matched again.
+    const in_order_prefix prefix = match_in_order(results);
+    if (prefix.length == admitted_.size() && prefix.length == results.size()) {
       finish_in_order(results);
       return;
     }
@@ -300,9 +304,15 @@ private:
       release_error(error);
       return;
     }
+    for (std::size_t position = 0; position < prefix.length; ++position) {
+      answered_[position] = true;
+      matched_.push_back(position);
+    }
     std::uint64_t uncorrelated = 0;
-    for (std::size_t position = 0; position < results.size(); ++position) {
-      const std::size_t index = correlation_.match(results[position], position, admitted_.size());
+    for (std::size_t position = prefix.length; position < results.size(); ++position) {
+      const std::size_t index = position == prefix.length
+                                    ? prefix.next_match
+                                    : correlation_.match(results[position], position, admitted_.size());
       if (index == no_match || answered_[index]) {
         ++uncorrelated;
         matched_.push_back(no_match);
@@ -337,13 +347,18 @@ private:
     if (uncorrelated != 0) host_.count_uncorrelated(uncorrelated);
   }
 
-  /// True if result i answers admitted job i, for every job: what most processors return, and then
-  /// `finish_in_order` ends the batch without `correlate`'s bookkeeping per result.
-  [[nodiscard]] bool answers_in_order(const std::vector<Result>& results) const noexcept {
-    if (results.size() != admitted_.size()) return false;
-    for (std::size_t index = 0; index < results.size(); ++index)
-      if (correlation_.match(results[index], index, admitted_.size()) != index) return false;
-    return true;
+  struct in_order_prefix {
+    std::size_t length;     // results 0..length-1 answer admitted jobs 0..length-1
+    std::size_t next_match; // what result `length` (if there is one) answers: another job, or no_match
+  };
+
+  /// How many results, from the first, answer the admitted job at their own position.
+  [[nodiscard]] in_order_prefix match_in_order(const std::vector<Result>& results) const noexcept {
+    for (std::size_t position = 0; position < results.size(); ++position) {
+      const std::size_t index = correlation_.match(results[position], position, admitted_.size());
+      if (index != position) return {position, index};
+    }
+    return {results.size(), no_match};
   }
 
   /// `correlate` for results in the jobs' order: claims and counts them together, then ends each.
