@@ -121,7 +121,7 @@ public:
   void run(job_list<node_type>& offered) override {
     coalesce_ = can_coalesce_ && host_.coalesce_duplicates();
     // The time is read for the first job that has a deadline: a batch without deadlines pays no
-    // clock read for them (a clock read costs about as much as a job's whole admission here).
+    // clock read for them (24-28 ns on the test VM, more than admitting a job costs there).
     std::optional<time_point> now_time;
     // The batch's start is its oldest job's arrival, read before any job can end (and be freed).
     const time_point first_arrival = offered.first != nullptr ? offered.first->arrival : time_point::min();
