@@ -158,7 +158,7 @@ public:
   /// batcher's threads. Throws `std::invalid_argument` naming the field for invalid options.
   template <class JobId, class ResultId>
   Batcher(Processor processor, JobId job_id, ResultId result_id, Options options = {})
-      : processor_(std::move(processor)), options_(checked(options, true)), keyed_(true) {
+      : processor_(std::move(processor)), options_(checked(std::move(options), true)), keyed_(true) {
     using correlation = detail::keyed_correlation<Job, Result, JobId, ResultId>;
     start([this, job_id, result_id]() -> std::unique_ptr<detail::batch_runner<Job, Result>> {
       return std::make_unique<detail::correlating_runner<Job, Result, correlation>>(
@@ -168,7 +168,7 @@ public:
 
   /// Positional mode: result i of the processor's vector answers job i of its span.
   explicit Batcher(Processor processor, Options options = {})
-      : processor_(std::move(processor)), options_(checked(options, false)), keyed_(false) {
+      : processor_(std::move(processor)), options_(checked(std::move(options), false)), keyed_(false) {
     start([this]() -> std::unique_ptr<detail::batch_runner<Job, Result>> {
       return std::make_unique<detail::correlating_runner<Job, Result, detail::positional_correlation>>(
           host(), detail::positional_correlation{});
@@ -840,7 +840,7 @@ private:
   Processor processor_;
   Options options_;                  // as constructed or last reconfigured; guarded by options_mutex_
   mutable std::mutex options_mutex_; // also serialises reconfigure
-  const bool keyed_;                 // correlation by IDs (else positional)
+  const bool keyed_; // NOLINT(modernize-use-default-member-init): the two constructors set it differently
   std::atomic<bool> dispatch_when_idle_{options_.dispatch_when_idle};
   std::atomic<bool> coalesce_{options_.duplicate_ids == DuplicateIds::coalesce};
   std::atomic<bool> has_on_batch_{static_cast<bool>(options_.on_batch)};

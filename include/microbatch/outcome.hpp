@@ -19,12 +19,13 @@ public:
   [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
 
   /// The result; rethrows the job's error when there is none. Move from it freely
-  /// (`std::move(outcome).value()` moves it out).
+  /// (`std::move(outcome).value()` moves it out). Not [[nodiscard]]: `outcome.value();` is a fair way to
+  /// rethrow the error.
   Result& value() & {
     throw_if_error();
     return std::get<0>(state_);
   }
-  const Result& value() const& {
+  const Result& value() const& { // NOLINT(modernize-use-nodiscard): see above
     throw_if_error();
     return std::get<0>(state_);
   }

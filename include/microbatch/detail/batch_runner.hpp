@@ -72,7 +72,7 @@ public:
   void set_factory(std::function<std::unique_ptr<runner>()> make) { make_ = std::move(make); }
 
   /// A new runner; throws what the factory throws.
-  std::unique_ptr<runner> make() const { return make_(); }
+  [[nodiscard]] std::unique_ptr<runner> make() const { return make_(); }
 
   /// A spare runner, or a new one; null if none could be made (out of memory: the caller fails its batch).
   std::unique_ptr<runner> take() noexcept {

@@ -110,7 +110,7 @@ public:
   /// What the collector found at the start of a round.
   struct round {
     std::optional<Shutdown> shutdown; // requested shutdown, if any
-    std::uint64_t flush_ticket;       // the newest flush request; serve it with `flushed`
+    std::uint64_t flush_ticket = 0;   // the newest flush request; serve it with `flushed`
   };
 
   /// (collector) Starts a round: clears the wake-up and returns the requests.

@@ -77,7 +77,8 @@ template <class Processor> using processor_result_t = typename processor_traits<
 struct positional_correlation {
   void begin(std::size_t) noexcept {}
   template <class Job> std::size_t admit(const Job&) noexcept { return no_match; }
-  template <class Result> std::size_t match(const Result&, std::size_t position, std::size_t admitted) const noexcept {
+  template <class Result>
+  [[nodiscard]] std::size_t match(const Result&, std::size_t position, std::size_t admitted) const noexcept {
     return position < admitted ? position : no_match;
   }
   [[nodiscard]] std::string describe_id(std::size_t) const { return {}; }

@@ -177,6 +177,7 @@ private:
     // Every line the slot touches: a slot is only Align-aligned, so it may start inside a line.
     const auto first = reinterpret_cast<std::uintptr_t>(&at(index_plus_one - 1));
     for (std::uintptr_t line = first & ~std::uintptr_t{63}; line < first + sizeof(slot); line += 64)
+      // NOLINTNEXTLINE(performance-no-int-to-ptr): an address to prefetch, never dereferenced
       __builtin_prefetch(reinterpret_cast<const void*>(line), 1);
 #endif
   }
