@@ -45,6 +45,7 @@
 #include "errors.hpp"
 #include "options.hpp"
 #include "outcome.hpp"
+#include "worker_pool.hpp"
 
 namespace microbatch {
 
@@ -332,7 +333,7 @@ public:
   /// callback of a job it ended, it only requests the flush).
   void flush() {
     const std::uint64_t ticket = clock_.request_flush();
-    if (ticket == 0 || collector_of_thread() == this) return;
+    if (ticket == 0 || collector_of_thread() == this || (pool_ && pool_->on_clock_thread())) return;
     clock_.await_flush(ticket);
   }
 
@@ -349,11 +350,16 @@ public:
   /// (the processor, a callback, a resumed coroutine), it only begins the shutdown. Thread-safe.
   void shutdown(Shutdown how) {
     begin_shutdown(how); // before the lock: a cancel must reach a drain that holds it
-    if (current_batcher() == this) return;
+    if (on_batcher_thread()) return;
     std::lock_guard lock(shutdown_mutex_);
     if (joined_) return;
-    collector_thread_.join();
-    join_workers();
+    if (pool_) {
+      ready_.await_drained(); // the clock's last round is over and no batch of ours runs
+      pool_->detach(pool_link_);
+    } else {
+      collector_thread_.join();
+      join_workers();
+    }
     ready_.await_borrows();      // callers still running a batch (run_for_caller)
     std::uint64_t published = 0; // every job the inbox ever took: the closed inbox holds no more
     {
@@ -392,7 +398,9 @@ public:
     std::lock_guard config_lock(options_mutex_);
     if (next.clock != options_.clock)
       throw std::invalid_argument("microbatch::Options::clock cannot be changed by reconfigure");
-    {
+    if (next.workers != options_.workers)
+      throw std::invalid_argument("microbatch::Options::workers cannot be changed by reconfigure");
+    if (!pool_) {
       std::lock_guard lock(threads_mutex_); // may throw (no thread): before any other change
       if (!threads_closed_) add_workers(std::max(workers_.size(), next.max_concurrent_batches));
     }
@@ -501,6 +509,11 @@ private:
   void start(std::function<std::unique_ptr<detail::batch_runner<Job, Result>>()> make_runner) {
     callback_home_.owner = this;
     runners_.set_factory(std::move(make_runner));
+    if (pool_) { // no thread of our own: the pool's run our batches and our clock's rounds
+      clock_.run_on(&pool_link_);
+      ready_.serve_by(&pool_link_);
+      return;
+    }
     try {
       {
         std::lock_guard lock(threads_mutex_);
@@ -543,6 +556,94 @@ private:
       worker.join();
   }
 
+  /// True on a thread that runs this batcher's batches or clock, or any thread of its pool: such a
+  /// thread must not wait for the batcher (its progress may need that very thread).
+  [[nodiscard]] bool on_batcher_thread() const noexcept {
+    return current_batcher() == this || (pool_ && WorkerPool::of_thread() == pool_.get());
+  }
+
+  // ---- on a pool ----
+
+  /// (a pool worker) Runs one of our ready batches, if the pool found one; with dispatch when idle,
+  /// then also what formed meanwhile (group commit), as a worker of our own would.
+  void run_pooled_batch() noexcept {
+    batch jobs;
+    bool queue_emptied = false;
+    bool borrowed = false; // a slot for an idle dispatch, not for a queued batch
+    if (!ready_.try_take(jobs, queue_emptied)) {
+      if (!dispatch_when_idle_.load(std::memory_order_seq_cst) || admission_.closed()) return;
+      if (!ready_.try_borrow_slot()) return; // a queued batch comes first, or no slot is free
+      borrowed = true;
+      jobs = take_for_idle_worker();
+      if (jobs.empty()) {
+        ready_.return_slot();
+        ready_.end_borrow();
+        return;
+      }
+    } else if (queue_emptied && admission_.closed()) {
+      clock_.wake(); // a draining clock waits for this
+    }
+    std::unique_ptr<runner_type> runner = runners_.take();
+    if (runner) {
+      struct batcher_thread { // for the batch's callbacks and the processor: see current_batcher()
+        const void* previous;
+        ~batcher_thread() { current_batcher() = previous; }
+      } mark{std::exchange(current_batcher(), this)};
+      for (;;) {
+        {
+          batch_scope running{callback_slots_, enqueues_returned_};
+          runner->run(jobs);
+        }
+        if (!dispatch_when_idle_.load(std::memory_order_seq_cst) || admission_.closed()) break;
+        jobs = take_for_idle_worker();
+        if (jobs.empty()) break;
+      }
+      runners_.give_back(std::move(runner));
+    } else { // out of memory for a runner: the batch fails
+      const std::exception_ptr error = std::make_exception_ptr(std::bad_alloc());
+      jobs.for_each([&](node_type* job) { end_job(job, error, failure::other); });
+    }
+    if (borrowed) {
+      ready_.return_slot();
+      ready_.end_borrow();
+    } else {
+      ready_.give_back_slot();
+    }
+  }
+
+  /// (the pool's clock thread) One round of our clock, then the next one planned.
+  void run_pooled_round() noexcept {
+    struct clock_thread { // as on a collector thread of our own
+      const void* previous_batcher;
+      const void* previous_collector;
+      ~clock_thread() {
+        current_batcher() = previous_batcher;
+        collector_of_thread() = previous_collector;
+      }
+    } mark{std::exchange(current_batcher(), this), std::exchange(collector_of_thread(), this)};
+    using next_round = typename detail::collector<node_type, Batcher>::next_round;
+    const next_round next = collector_loop_.round();
+    if (next == next_round::again) {
+      pool_->schedule_round_now(pool_link_);
+    } else if (next == next_round::planned) {
+      clock_.rest();
+    }
+  }
+
+  /// What a pool sees of this batcher.
+  struct pool_link final : detail::pool_client, detail::round_scheduler, detail::ready_listener {
+    explicit pool_link(Batcher& batcher) : owner(batcher) {}
+    Batcher& owner;
+    void run_one_batch() noexcept override { owner.run_pooled_batch(); }
+    void clock_round() noexcept override { owner.run_pooled_round(); }
+    void run_round_now() noexcept override { owner.pool_->schedule_round_now(*this); }
+    void run_round_at(std::chrono::steady_clock::time_point when) noexcept override {
+      owner.pool_->schedule_round(*this, when);
+    }
+    void batch_ready() noexcept override { owner.pool_->batch_ready(*this); }
+    [[nodiscard]] std::size_t idle_threads() const noexcept override { return owner.pool_->idle_threads(); }
+  };
+
   // ---- admission (any thread) ----
 
   void throw_if_past(time_point deadline, const char* function) const {
@@ -558,7 +659,7 @@ private:
   template <class StopToken = detail::never_stops>
   void admit_and_enqueue(node_type* job, const StopToken& stop = {}, bool caller_waits = false) {
     if constexpr (has_weight) weigh(*job);
-    job->admission_counted = admission_.reserve(counters_.rejected(), current_batcher() == this, stop);
+    job->admission_counted = admission_.reserve(counters_.rejected(), on_batcher_thread(), stop);
     enqueue(job, caller_waits);
   }
 
@@ -597,8 +698,14 @@ private:
       form_full_batches();
       formed = true;
     }
-    // Only with a worker idle (one atomic load): under load no lock is taken here.
-    if (dispatch_when_idle_.load(std::memory_order_seq_cst) && ready_.idle() != 0) {
+    if (pool_) {
+      // On a pool, a job that opens the inbox puts the batcher in the ring (one lock per batch, not
+      // per job): the next free pool thread takes what formed meanwhile, or a sleeping one is woken.
+      if (pushed == detail::batch_forming<node_type>::push_result::first &&
+          dispatch_when_idle_.load(std::memory_order_seq_cst))
+        pool_->batch_ready(pool_link_);
+    } else if (dispatch_when_idle_.load(std::memory_order_seq_cst) && ready_.idle() != 0) {
+      // Only with a worker idle (one atomic load): under load no lock is taken here.
       if (!(caller_waits && run_for_caller(job))) dispatch_for_idle_worker();
       formed = true;
     }
@@ -847,6 +954,8 @@ private:
   std::mutex on_batch_mutex_;
   std::shared_ptr<const batch_observer> on_batch_ = std::make_shared<const batch_observer>(options_.on_batch);
 
+  const std::shared_ptr<WorkerPool> pool_ = options_.workers; // null: our own threads
+
   // The parts, in the order a job meets them.
   detail::admission admission_{options_.max_pending_jobs, options_.overflow};
   detail::batch_forming<node_type> forming_{options_.max_batch_size, options_.max_batch_delay,
@@ -863,6 +972,7 @@ private:
   // The collector's references, read every round: not on the line of enqueues_returned_, which every
   // submit outside a batch writes.
   detail::collector<node_type, Batcher> collector_loop_{*this, forming_, ready_, clock_};
+  pool_link pool_link_{*this}; // on a pool: how the pool reaches us
 
   // Slots for callback submits' nodes (the batcher owns those nodes; callers keep nothing).
   using callback_node_type = detail::callback_node<Job, Result>;

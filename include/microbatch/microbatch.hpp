@@ -8,6 +8,7 @@
 #include "errors.hpp"      // IWYU pragma: export
 #include "options.hpp"     // IWYU pragma: export
 #include "outcome.hpp"     // IWYU pragma: export
+#include "worker_pool.hpp" // IWYU pragma: export
 
 #define MICROBATCH_VERSION_MAJOR 0
 #define MICROBATCH_VERSION_MINOR 1

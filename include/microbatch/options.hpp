@@ -6,10 +6,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 namespace microbatch {
 
-class clock; // clock.hpp
+class clock;      // clock.hpp
+class WorkerPool; // worker_pool.hpp
 
 /// What `submit` does when `Options::max_pending_jobs` jobs are already pending.
 enum class Overflow {
@@ -120,6 +122,13 @@ struct Options {
   /// long it waited and ran (measured with the batcher's clock). An exception escaping it is caught and counted in
   /// `Stats::observer_errors`. Empty (default): nothing is called.
   std::function<void(const BatchInfo&)> on_batch{};
+
+  /// The threads that run this batcher's batches and its clock. nullptr (default): the batcher starts
+  /// its own, one collector thread and `max_concurrent_batches` workers. A `WorkerPool`: the batcher
+  /// starts no thread; the pool's workers run its batches (at most `max_concurrent_batches` of them at
+  /// once) and the pool's clock thread serves its delays, deadlines, flushes and shutdown. The batcher
+  /// holds the pool until it is destroyed. Cannot be changed by `reconfigure`.
+  std::shared_ptr<WorkerPool> workers{};
 };
 
 /// A snapshot of a batcher's counters, all since construction. Taken without stopping the batcher:

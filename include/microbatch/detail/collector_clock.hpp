@@ -21,6 +21,17 @@ inline std::chrono::steady_clock::time_point saturating_add(std::chrono::steady_
                                                                        : start + delay;
 }
 
+/// Where a batcher on a `WorkerPool` has its clock's rounds run: the pool's clock thread.
+class round_scheduler {
+public:
+  using time_point = std::chrono::steady_clock::time_point;
+  virtual void run_round_now() noexcept = 0;
+  virtual void run_round_at(time_point when) noexcept = 0;
+
+protected:
+  ~round_scheduler() = default;
+};
+
 /// The batcher's sense of time, owned by its collector thread. The collector publishes a plan (the
 /// time it will next look: the forming batch's due time, the earliest deadline) and sleeps until then.
 /// Anyone who needs it sooner lowers the plan (`wake_by`) and wakes it; only the thread that actually
@@ -32,7 +43,12 @@ inline std::chrono::steady_clock::time_point saturating_add(std::chrono::steady_
 /// Time comes from `Options::clock` if set (a `manual_clock` wakes the collector whenever it moves),
 /// else from `std::chrono::steady_clock` with real timeouts.
 ///
-/// Threads: `plan`, `begin_round` and `sleep` on the collector only; everything else from any thread.
+/// On a `WorkerPool` (`run_on`), there is no collector thread: a wake-up asks the pool's clock thread
+/// for a round (now, or by a time), and after a round `rest` tells the pool (or the manual clock) when
+/// the next one is due, where a collector would `sleep`.
+///
+/// Threads: `plan`, `begin_round`, `sleep` and `rest` on the collector (or the pool's clock thread)
+/// only; everything else from any thread.
 class collector_clock final : public clock_sleeper {
 public:
   using time_point = std::chrono::steady_clock::time_point;
@@ -50,6 +66,9 @@ public:
     return source_ != nullptr ? source_->now() : std::chrono::steady_clock::now();
   }
 
+  /// The batcher is on a pool: its rounds run where `scheduler` says. Before any job arrives.
+  void run_on(round_scheduler* scheduler) noexcept { scheduler_ = scheduler; }
+
   /// True for `std::chrono::steady_clock` (no `Options::clock`). Thread-safe.
   [[nodiscard]] bool real_time() const noexcept { return source_ == nullptr; }
 
@@ -60,7 +79,11 @@ public:
     auto planned = planned_.load(std::memory_order_seq_cst);
     while (wanted < planned) {
       if (planned_.compare_exchange_weak(planned, wanted, std::memory_order_seq_cst)) {
-        wake();
+        if (scheduler_ != nullptr && source_ == nullptr) {
+          scheduler_->run_round_at(when);
+        } else {
+          wake();
+        }
         return;
       }
     }
@@ -72,7 +95,7 @@ public:
       std::lock_guard lock(mutex_);
       woken_ = true;
     }
-    woken_cv_.notify_one();
+    notify();
   }
 
   /// Asks the collector to shut down as `how` says (a cancel overrides a drain in progress), and wakes
@@ -83,7 +106,7 @@ public:
       if (!shutdown_ || how == Shutdown::cancel) shutdown_ = how;
       woken_ = true;
     }
-    woken_cv_.notify_one();
+    notify();
   }
 
   /// Asks the collector to dispatch the forming batch; returns a ticket for `await_flush`, or 0 if the
@@ -96,7 +119,7 @@ public:
       ticket = ++flush_requested_;
       woken_ = true;
     }
-    woken_cv_.notify_one();
+    notify();
     return ticket;
   }
 
@@ -167,10 +190,30 @@ public:
     }
   }
 
+  /// (the pool's clock thread, after a round that planned) Where a collector would sleep: has the
+  /// next round run by the plan (real time), or tells the manual clock what is armed.
+  void rest() noexcept {
+    const time_point wake_at = planned();
+    if (source_ != nullptr) {
+      source_->sleeping(*this, wake_at);
+    } else if (wake_at != time_point::max()) {
+      scheduler_->run_round_at(wake_at);
+    }
+  }
+
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
 private:
+  void notify() noexcept {
+    if (scheduler_ != nullptr) {
+      scheduler_->run_round_now();
+    } else {
+      woken_cv_.notify_one();
+    }
+  }
+
   microbatch::clock* const source_;
+  round_scheduler* scheduler_ = nullptr; // set before any job, then only read
   alignas(64) std::atomic<time_point::rep> planned_{time_point::max().time_since_epoch().count()};
   std::mutex mutex_;
   std::condition_variable woken_cv_;

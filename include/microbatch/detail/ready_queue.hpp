@@ -13,6 +13,18 @@
 
 namespace microbatch::detail {
 
+/// Who takes the batches of a batcher on a `WorkerPool`: the pool, told whenever a batch can be taken.
+class ready_listener {
+public:
+  /// A queued batch can be taken now (a slot is free). Called with no lock of the queue held.
+  virtual void batch_ready() noexcept = 0;
+  /// Pool threads asleep now (for dispatch when idle). Lock-free.
+  [[nodiscard]] virtual std::size_t idle_threads() const noexcept = 0;
+
+protected:
+  ~ready_listener() = default;
+};
+
 /// Batches that are formed and not yet taken by a worker, first in first out, plus the workers' one
 /// wake-up path. A worker that finishes a batch takes the next one without sleeping if there is one;
 /// `push` wakes a worker only if one is asleep (a signal to a thread that is not asleep costs nothing,
@@ -27,6 +39,10 @@ namespace microbatch::detail {
 /// a batch on its own thread: `try_borrow_slot`, then `return_slot` when the processor returned, then
 /// `end_borrow` as its last touch of the batcher; shutdown waits for that (`await_borrows`).
 ///
+/// On a pool (`serve_by`) the batcher has no workers of its own: the pool is told when a batch can be
+/// taken (`batch_ready`), its threads take one with `try_take` and give the slot back with
+/// `give_back_slot`; shutdown waits with `await_drained` until nothing runs.
+///
 /// Threads: `push` from whichever thread formed the batch (a submitter that filled it, a flusher, the
 /// collector); `pop` from worker threads; `remove_if`, `take_all`, `finish` and `hold` from the
 /// collector and shutdown; `set_slots` from a reconfiguring thread; the borrowing members from callers.
@@ -36,25 +52,73 @@ template <class Node> class ready_queue {
 public:
   explicit ready_queue(std::size_t slots = 1) : slots_(slots) {}
 
+  /// The batches are taken by a pool's threads, which `listener` stands for. Before any batch.
+  void serve_by(ready_listener* listener) noexcept { listener_ = listener; }
+
   /// A new number of processor slots. More: sleeping workers look again at once.
   void set_slots(std::size_t slots) {
+    bool takeable = false;
     {
       std::lock_guard lock(mutex_);
       slots_ = slots;
+      takeable = can_take();
     }
     changed_.notify_all();
+    if (takeable && listener_ != nullptr) listener_->batch_ready();
   }
 
-  /// Queues `batch` (not empty) and wakes one sleeping worker, if any.
+  /// Queues `batch` (not empty) and wakes one sleeping worker, if any (on a pool: tells the pool).
   void push(job_list<Node> batch) {
     bool wake = false;
     {
       std::lock_guard lock(mutex_);
       batches_.push(batch);
       ++queued_;
-      wake = sleeping_ != 0;
+      wake = listener_ != nullptr ? can_take() : sleeping_ != 0;
     }
-    if (wake) changed_.notify_one();
+    if (!wake) return;
+    if (listener_ != nullptr) {
+      listener_->batch_ready();
+    } else {
+      changed_.notify_one();
+    }
+  }
+
+  /// (a pool thread) Takes the next batch into `batch` if one is queued and a slot is free, holding
+  /// that slot until `give_back_slot`; tells the pool again if another can be taken too. `now_empty`:
+  /// this took the last queued batch.
+  bool try_take(job_list<Node>& batch, bool& now_empty) {
+    bool more = false;
+    {
+      std::lock_guard lock(mutex_);
+      if (!can_take()) return false;
+      batch = batches_.pop();
+      --queued_;
+      ++running_;
+      now_empty = batches_.empty();
+      more = can_take();
+    }
+    if (more) listener_->batch_ready();
+    batch.measure(); // the batch is this thread's now: walked outside the lock
+    return true;
+  }
+
+  /// (a pool thread) The slot `try_take` gave is free again.
+  void give_back_slot() {
+    bool takeable = false;
+    {
+      std::lock_guard lock(mutex_);
+      --running_;
+      takeable = can_take();
+      if (finished_ && running_ == 0) drained_.notify_all();
+    }
+    if (takeable) listener_->batch_ready();
+  }
+
+  /// (shutdown, on a pool) Waits until `finish` was called and no slot is held.
+  void await_drained() {
+    std::unique_lock lock(mutex_);
+    drained_.wait(lock, [&] { return finished_ && running_ == 0; });
   }
 
   /// What `pop` gives a worker.
@@ -131,10 +195,12 @@ public:
   /// came, or the worker could not count itself idle) is woken to look again, as a worker coming back
   /// from a batch would look itself.
   void return_slot() {
-    bool wake = false, wake_all = false;
+    bool wake = false, wake_all = false, takeable = false;
     {
       std::lock_guard lock(mutex_);
       --running_;
+      takeable = listener_ != nullptr && can_take();
+      if (finished_ && running_ == 0) drained_.notify_all();
       // Every uncounted sleeper: notify_one might pick a counted one again and again.
       wake_all = sleeping_uncounted_ != 0;
       wake = sleeping_ != 0 && !batches_.empty();
@@ -144,6 +210,7 @@ public:
     } else if (wake) {
       changed_.notify_one();
     }
+    if (takeable) listener_->batch_ready();
   }
 
   /// The borrowing caller's last touch of the batcher (after `return_slot`).
@@ -163,15 +230,17 @@ public:
     return pop(batch, now_empty, returning, nullptr) == taken::batch;
   }
 
-  /// Workers idle now (dispatch when idle only). Lock-free.
-  [[nodiscard]] std::size_t idle() const noexcept { return idle_.load(std::memory_order_seq_cst); }
+  /// Workers idle now (dispatch when idle only; on a pool: its threads asleep). Lock-free.
+  [[nodiscard]] std::size_t idle() const noexcept {
+    return listener_ != nullptr ? listener_->idle_threads() : idle_.load(std::memory_order_seq_cst);
+  }
 
   /// Idle workers with a free slot that no queued batch will occupy: how many batches may go out for
   /// idleness now.
   [[nodiscard]] std::size_t idle_capacity() const {
     std::lock_guard lock(mutex_);
     const std::size_t free_slots = running_ < slots_ ? slots_ - running_ : 0;
-    const std::size_t idle_workers = std::min(idle_.load(std::memory_order_seq_cst), free_slots);
+    const std::size_t idle_workers = std::min(idle(), free_slots);
     return idle_workers > queued_ ? idle_workers - queued_ : 0;
   }
 
@@ -199,6 +268,7 @@ public:
     {
       std::lock_guard lock(mutex_);
       finished_ = true;
+      if (running_ == 0) drained_.notify_all();
     }
     changed_.notify_all();
   }
@@ -206,6 +276,10 @@ public:
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
 private:
+  /// (mutex_ held) A queued batch may be taken now.
+  [[nodiscard]] bool can_take() const noexcept { return !held_ && !batches_.empty() && running_ < slots_; }
+
+  ready_listener* listener_ = nullptr; // set before any batch, then only read
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   batch_queue<Node> batches_;                    // guarded by mutex_
@@ -215,6 +289,7 @@ private:
   std::size_t sleeping_uncounted_ = 0;           // guarded by mutex_; of those, not counted in idle_
   std::size_t borrowed_ = 0;                     // guarded by mutex_; callers between borrow and end_borrow
   std::condition_variable borrows_ended_;        // borrowed_ fell to 0
+  std::condition_variable drained_;              // finished_ and no slot held (on a pool)
   std::size_t slots_;                            // guarded by mutex_; Options::max_concurrent_batches
   std::size_t running_ = 0;                      // guarded by mutex_; slots held by workers and borrowers
   bool held_ = false;                            // guarded by mutex_
