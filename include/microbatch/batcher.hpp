@@ -35,6 +35,7 @@
 #include "detail/batch_queue.hpp"
 #include "detail/batch_runner.hpp"
 #include "detail/batch_scope.hpp"
+#include "detail/batcher_parts.hpp"
 #include "detail/collector.hpp"
 #include "detail/collector_clock.hpp"
 #include "detail/correlation.hpp"
@@ -48,6 +49,8 @@
 #include "worker_pool.hpp"
 
 namespace microbatch {
+
+template <class Key, class Job, class Result, class Processor> class KeyedBatcher;
 
 namespace detail {
 struct operation_access; // the Asio binding's way in (microbatch/asio.hpp)
@@ -177,7 +180,9 @@ public:
   }
 
   /// `shutdown()`: waits until every accepted job has ended.
-  ~Batcher() { shutdown(Shutdown::drain); }
+  ~Batcher() {
+    if (watch_ == nullptr) shutdown(Shutdown::drain); // (a key's queue: its keyed batcher shut it down)
+  }
 
   Batcher(const Batcher&) = delete;
   Batcher& operator=(const Batcher&) = delete;
@@ -447,6 +452,23 @@ private:
   using batch = detail::job_list<node_type>;
   using failure = detail::failure;
   using runner_type = detail::batch_runner<Job, Result>;
+  template <class, class, class, class> friend class KeyedBatcher;
+
+  /// One key's queue of a `KeyedBatcher`: on the keyed batcher's pool (`options.workers`), with its
+  /// parts (whose runners it has made), reporting to `watch`. Starts nothing.
+  Batcher(detail::key_queue_tag, Processor processor, Options options, bool keyed,
+          detail::batcher_parts<Job, Result>& parts, detail::queue_watch& watch)
+      : processor_(std::move(processor)), options_(std::move(options)), keyed_(keyed), own_parts_(nullptr),
+        parts_(parts), watch_(&watch) {
+    clock_.run_on(&pool_link_);
+    ready_.serve_by(&pool_link_);
+  }
+
+  /// A key's queue stops as `how` says (its keyed batcher closed the door for all keys already).
+  void begin_queue_shutdown(Shutdown how) {
+    if (how == Shutdown::cancel) ready_.hold(); // no batch is taken any more; the clock fails them
+    clock_.request_shutdown(how);
+  }
 
   /// The processor, through a `std::reference_wrapper` if it is one.
   static const auto& unwrapped(const Processor& processor) noexcept {
@@ -507,7 +529,6 @@ private:
   }
 
   void start(std::function<std::unique_ptr<detail::batch_runner<Job, Result>>()> make_runner) {
-    callback_home_.owner = this;
     runners_.set_factory(std::move(make_runner));
     if (pool_) { // no thread of our own: the pool's run our batches and our clock's rounds
       clock_.run_on(&pool_link_);
@@ -583,6 +604,7 @@ private:
     } else if (queue_emptied && admission_.closed()) {
       clock_.wake(); // a draining clock waits for this
     }
+    std::size_t ran = 0; // jobs that leave the queue here
     std::unique_ptr<runner_type> runner = runners_.take();
     if (runner) {
       struct batcher_thread { // for the batch's callbacks and the processor: see current_batcher()
@@ -590,6 +612,7 @@ private:
         ~batcher_thread() { current_batcher() = previous; }
       } mark{std::exchange(current_batcher(), this)};
       for (;;) {
+        ran += jobs.size;
         {
           batch_scope running{callback_slots_, enqueues_returned_};
           runner->run(jobs);
@@ -601,6 +624,7 @@ private:
       runners_.give_back(std::move(runner));
     } else { // out of memory for a runner: the batch fails
       const std::exception_ptr error = std::make_exception_ptr(std::bad_alloc());
+      ran = jobs.size;
       jobs.for_each([&](node_type* job) { end_job(job, error, failure::other); });
     }
     if (borrowed) {
@@ -609,6 +633,7 @@ private:
     } else {
       ready_.give_back_slot();
     }
+    if (watch_ != nullptr) watch_->left(ran); // last: it may retire this queue
   }
 
   /// (the pool's clock thread) One round of our clock, then the next one planned.
@@ -623,6 +648,7 @@ private:
     } mark{std::exchange(current_batcher(), this), std::exchange(collector_of_thread(), this)};
     using next_round = typename detail::collector<node_type, Batcher>::next_round;
     const next_round next = collector_loop_.round();
+    if (watch_ != nullptr && collector_loop_.jobs_left() != 0) watch_->left(collector_loop_.jobs_left());
     if (next == next_round::again) {
       pool_->schedule_round_now(pool_link_);
     } else if (next == next_round::planned) {
@@ -642,6 +668,9 @@ private:
     }
     void batch_ready() noexcept override { owner.pool_->batch_ready(*this); }
     [[nodiscard]] std::size_t idle_threads() const noexcept override { return owner.pool_->idle_threads(); }
+    void destroy() noexcept override {
+      if (owner.watch_ != nullptr) owner.watch_->destroy();
+    }
   };
 
   // ---- admission (any thread) ----
@@ -659,7 +688,25 @@ private:
   template <class StopToken = detail::never_stops>
   void admit_and_enqueue(node_type* job, const StopToken& stop = {}, bool caller_waits = false) {
     if constexpr (has_weight) weigh(*job);
-    job->admission_counted = admission_.reserve(counters_.rejected(), on_batcher_thread(), stop);
+    if (watch_ != nullptr) {
+#if defined(__cpp_lib_jthread)
+      if constexpr (std::is_same_v<StopToken, std::stop_token>) {
+        watch_->admit(on_batcher_thread(), stop);
+      } else {
+        watch_->admit(on_batcher_thread());
+      }
+#else
+      watch_->admit(on_batcher_thread());
+#endif
+      try {
+        job->admission_counted = admission_.reserve(counters_.rejected(), on_batcher_thread(), stop);
+      } catch (...) {
+        watch_->refused();
+        throw;
+      }
+    } else {
+      job->admission_counted = admission_.reserve(counters_.rejected(), on_batcher_thread(), stop);
+    }
     enqueue(job, caller_waits);
   }
 
@@ -675,6 +722,7 @@ private:
     const auto pushed = forming_.push(job, [&](node_type* first) { first->arrival = arrival = now(); });
     if (pushed == detail::batch_forming<node_type>::push_result::closed) {
       admission_.release(job->admission_counted);
+      if (watch_ != nullptr) watch_->refused();
       throw batcher_closed("microbatch::Batcher: the batcher is shut down; no new jobs are accepted");
     }
     // From here the job may end at any moment on another thread, and a callback or coroutine that
@@ -829,8 +877,7 @@ private:
 
   void begin_shutdown(Shutdown how) {
     admission_.close();
-    if (how == Shutdown::cancel) ready_.hold(); // workers take nothing more; the collector fails it
-    clock_.request_shutdown(how);
+    begin_queue_shutdown(how); // Shutdown::cancel: workers take nothing more; the collector fails it
   }
 
   // ---- the one place where a job ends ----
@@ -956,8 +1003,14 @@ private:
 
   const std::shared_ptr<WorkerPool> pool_ = options_.workers; // null: our own threads
 
+  // What this batcher's queue shares with others: its own (a Batcher), or its keyed batcher's.
+  using parts_type = detail::batcher_parts<Job, Result>;
+  std::unique_ptr<parts_type> own_parts_ = std::make_unique<parts_type>(options_.max_pending_jobs, options_.overflow);
+  parts_type& parts_ = *own_parts_;
+  detail::queue_watch* const watch_ = nullptr; // a keyed batcher's, for one of its keys' queues
+
   // The parts, in the order a job meets them.
-  detail::admission admission_{options_.max_pending_jobs, options_.overflow};
+  detail::admission& admission_ = parts_.admission_gate;
   detail::batch_forming<node_type> forming_{options_.max_batch_size, options_.max_batch_delay,
                                             options_.max_batch_weight, has_weight};
   detail::collector_clock clock_{options_.clock};
@@ -968,37 +1021,25 @@ private:
   // (sharing a line cost W2cb's submitter a third of its time in admit_and_enqueue).
   alignas(64) runner_link runner_link_{*this};
 
-  detail::counters counters_; // Stats
+  detail::counters& counters_ = parts_.counts; // Stats
   // The collector's references, read every round: not on the line of enqueues_returned_, which every
   // submit outside a batch writes.
   detail::collector<node_type, Batcher> collector_loop_{*this, forming_, ready_, clock_};
   pool_link pool_link_{*this}; // on a pool: how the pool reaches us
 
-  // Slots for callback submits' nodes (the batcher owns those nodes; callers keep nothing).
   using callback_node_type = detail::callback_node<Job, Result>;
-  struct callback_home final : callback_node_type::home {
-    Batcher* owner = nullptr;
-    void callback_threw() noexcept override { owner->counters_.callback_threw(); }
-    void recycle(void* memory, bool pooled) noexcept override {
-      if (auto* running = batch_scope::of_thread(&owner->callback_slots_)) {
-        owner->callback_slots_.gather({memory, pooled}, running->slots);
-      } else {
-        owner->callback_slots_.release({memory, pooled});
-      }
-    }
-  };
-  using callback_pool = detail::slot_pool<sizeof(callback_node_type), alignof(callback_node_type)>;
-  callback_pool callback_slots_;
-  callback_home callback_home_;
+  using callback_pool = typename parts_type::callback_pool;
+  callback_pool& callback_slots_ = parts_.callback_slots;
+  typename callback_node_type::home& callback_home_ = parts_.callback_home;
 
   // A thread running one of this batcher's batches gives the slots of the callback nodes it ends back
   // together, and counts its own returned enqueues once, when the batch is over.
-  using batch_scope = detail::batch_scope<callback_pool>;
+  using batch_scope = typename parts_type::batch_scope;
 
   std::mutex shutdown_mutex_;
   bool joined_ = false; // guarded by shutdown_mutex_
 
-  detail::runner_pool<Job, Result> runners_; // one per worker, and per borrowed slot
+  detail::runner_pool<Job, Result>& runners_ = parts_.runners; // one per worker, and per borrowed slot
   std::mutex threads_mutex_;
   bool threads_closed_ = false;      // guarded by threads_mutex_: shutdown took the workers to join
   std::vector<std::thread> workers_; // guarded by threads_mutex_; threads last: they start after every other

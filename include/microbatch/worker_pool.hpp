@@ -34,6 +34,9 @@ public:
   virtual void run_one_batch() noexcept = 0;
   /// (the pool's clock thread) One round of the batcher's clock; it schedules the next one itself.
   virtual void clock_round() noexcept = 0;
+  /// (the pool's clock thread) After `WorkerPool::retire`: no pool thread is inside the client or
+  /// will be again; its owner may free it now.
+  virtual void destroy() noexcept {}
 
 protected:
   pool_client() = default;
@@ -166,6 +169,28 @@ public:
     left_clock_.wait(lock, [&] { return !client.in_round_; });
   }
 
+  /// `client` leaves the pool as `detach` says, without waiting: once no pool thread is inside it, the
+  /// clock thread calls `client.destroy()`. May be called on a pool thread, also inside `client`.
+  /// Thread-safe.
+  void retire(detail::pool_client& client) noexcept {
+    {
+      std::lock_guard lock(ring_mutex_);
+      client.detached_ = true;
+      if (client.in_ring_) {
+        ring_.erase(std::find(ring_.begin(), ring_.end(), &client));
+        client.in_ring_ = false;
+      }
+    }
+    {
+      std::lock_guard lock(clock_mutex_);
+      client.detached_clock_ = true;
+      std::erase_if(timers_, [&](const timer& each) { return each.client == &client; });
+      std::make_heap(timers_.begin(), timers_.end(), later);
+      retiring_.push_back(&client);
+      clock_wake_.notify_one();
+    }
+  }
+
   /// The pool whose thread (worker or clock) this is, if any. Thread-safe.
   [[nodiscard]] static const WorkerPool* of_thread() noexcept { return this_thread_pool(); }
 
@@ -200,7 +225,15 @@ private:
         client->run_one_batch(); // puts the client back in the ring if it has more
         lock.lock();
         ++searching_;
-        if (--client->visits_ == 0 && client->detached_) left_.notify_all();
+        if (--client->visits_ == 0 && client->detached_) { // (the client's last touch by this thread)
+          left_.notify_all();
+          lock.unlock();
+          {
+            std::lock_guard clock_lock(clock_mutex_); // a retiring client may wait for this visit
+            clock_wake_.notify_one();
+          }
+          lock.lock();
+        }
         continue;
       }
       if (stopping_.load(std::memory_order_relaxed)) return;
@@ -227,6 +260,7 @@ private:
     std::unique_lock lock(clock_mutex_);
     for (;;) {
       if (stopping_.load(std::memory_order_relaxed)) return;
+      if (!retiring_.empty() && free_retired(lock)) continue;
       // Entries that a later, earlier one replaced (or that were served) are dropped when they surface.
       while (!timers_.empty() && timers_.front().when != timers_.front().client->timer_) {
         std::pop_heap(timers_.begin(), timers_.end(), later);
@@ -254,6 +288,26 @@ private:
     }
   }
 
+  /// (clock thread, clock_mutex_ held) Destroys the retired clients that no worker is inside (no
+  /// round is either: this is the clock thread). True if it destroyed any (the lock was released).
+  bool free_retired(std::unique_lock<std::mutex>& lock) {
+    std::vector<detail::pool_client*> unused;
+    {
+      std::lock_guard ring_lock(ring_mutex_); // lock order: clock_mutex_, then ring_mutex_
+      std::erase_if(retiring_, [&](detail::pool_client* client) {
+        if (client->visits_ != 0) return false;
+        unused.push_back(client);
+        return true;
+      });
+    }
+    if (unused.empty()) return false;
+    lock.unlock();
+    for (detail::pool_client* client : unused)
+      client->destroy();
+    lock.lock();
+    return true;
+  }
+
   void stop() noexcept {
     stopping_.store(true, std::memory_order_relaxed);
     { std::lock_guard lock(ring_mutex_); } // a worker is either before its check or waiting
@@ -279,8 +333,9 @@ private:
   // The one clock: a heap of (due time, batcher), earliest first, entries replaced lazily.
   std::mutex clock_mutex_;
   std::condition_variable clock_wake_;
-  std::condition_variable left_clock_; // a detached client's round ended
-  std::vector<timer> timers_;          // guarded by clock_mutex_
+  std::condition_variable left_clock_;         // a detached client's round ended
+  std::vector<timer> timers_;                  // guarded by clock_mutex_
+  std::vector<detail::pool_client*> retiring_; // guarded by clock_mutex_: retired, not yet destroyed
 
   std::vector<std::thread> workers_;
   std::thread clock_thread_;

@@ -124,6 +124,7 @@ public:
       arrivals_seen_ = arrivals;
       clock_.plan(wake_at);
     }
+    jobs_left_ = leaving.size;
     leaving.for_each([&](Node* job) {
       if (cancelling) {
         host_.end_job(job, make_error<batcher_closed>([] {
@@ -160,6 +161,11 @@ public:
     return next_round::planned;
   }
 
+  /// Jobs that the last round took out of the queue (expired, cancelled, or failed by shutdown).
+  [[nodiscard]] std::size_t jobs_left() const noexcept {
+    return jobs_left_;
+  }
+
   // ---------------------------------------------------------------------------------------------
   // Implementation details follow.
 private:
@@ -187,6 +193,7 @@ private:
   std::atomic<bool> sweep_requested_{false};
   std::uint64_t flushes_served_ = 0; // only the round touches these (one round at a time)
   std::uint64_t arrivals_seen_ = 0;  // jobs counted when the last round planned
+  std::size_t jobs_left_ = 0;        // leaving.size of the last round
 };
 
 } // namespace microbatch::detail
