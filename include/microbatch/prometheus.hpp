@@ -58,7 +58,7 @@ public:
     detail::check_labels("microbatch::prometheus_collector::add", batcher, labels);
     std::string key = batcher;
     for (const auto& [name, value] : labels)
-      key += '\0' + name + '\0' + value;
+      key.append(1, '\0').append(name).append(1, '\0').append(value);
     std::lock_guard lock(mutex_);
     if (!keys_.insert(key).second)
       throw std::invalid_argument("microbatch::prometheus_collector::add: batcher \"" + batcher +
@@ -180,8 +180,8 @@ public:
   requires requires(const Source& s) {
     { s.stats() } -> std::convertible_to<Stats>;
   }
-  void add(const Source& batcher, std::string name, metric_labels labels = {}) {
-    collector_->add([&batcher] { return Stats(batcher.stats()); }, std::move(name), std::move(labels));
+  void add(const Source& batcher, const std::string& name, const metric_labels& labels = {}) {
+    collector_->add([&batcher] { return Stats(batcher.stats()); }, name, labels);
   }
 
   /// The collector (e.g. to call Collect in a test). Thread-safe.
