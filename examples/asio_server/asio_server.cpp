@@ -2,11 +2,14 @@
 // with its load generator and the checks of its robustness against a live server (issue 12).
 //
 //   asio_server serve [--port P] [--mode batched|direct] [--idle-timeout-ms T] [--db-connections C]
-//                     [--max-connections M]
+//                     [--max-connections M] [--metrics-port Q]
 //       listens on 127.0.0.1:P (0, the default: a free port), prints "port <P>" as its first line, serves
-//       until SIGINT or SIGTERM, then answers what it has read, prints one "stopped ..." line, exits 0
-//   asio_server load --port P --connections N --seconds S
-//       N connections, each a closed loop of GETs for S seconds; checks every answer; prints one line:
+//       until SIGINT or SIGTERM, then answers what it has read, prints one "stopped ..." line, exits 0.
+//       With --metrics-port (batched mode; 0: a free port) it also serves the batcher's Stats over HTTP
+//       at http://127.0.0.1:Q/metrics (the Prometheus text format) and prints "metrics_port <Q>" second
+//   asio_server load --port P --connections N --seconds S [--keys mixed|present]
+//       N connections, each a closed loop of GETs for S seconds; checks every answer (keys `present`:
+//       only keys the table has, so that every answer is a completed job); prints one line:
 //       connections=N requests=R seconds=S requests_per_s=X p50_us=Y p99_us=Z table_calls_per_request=C wrong=0
 //   asio_server check --port P --idle-timeout-ms T [--max-connections M]
 //       answers, pipelining, ERR lines, idle timeout, clients that vanish with requests in flight,
@@ -51,6 +54,7 @@
 #endif
 
 #include <microbatch/asio.hpp>
+#include <microbatch/metrics.hpp>
 
 #include <asio.hpp>
 #include <asio/experimental/as_tuple.hpp>
@@ -203,11 +207,14 @@ public:
     std::chrono::milliseconds idle_timeout{30000};
     std::size_t db_connections = 4;
     std::size_t max_connections = 1024;
+    std::optional<unsigned short> metrics_port; // batched mode only
   };
 
   server(asio::io_context& io, const config& cfg)
       : io_(io), cfg_(cfg), acceptor_(io, tcp::endpoint(asio::ip::address_v4::loopback(), cfg.port)),
         signals_(io, SIGINT, SIGTERM), drain_timer_(io) {
+    if (cfg.metrics_port)
+      metrics_acceptor_.emplace(io, tcp::endpoint(asio::ip::address_v4::loopback(), *cfg.metrics_port));
     if (cfg.batched) {
       batcher_.emplace(table_processor{&db_}, &Lookup::key, &Row::key,
                        microbatch::Options{.max_batch_size = 256,
@@ -220,11 +227,16 @@ public:
   }
 
   unsigned short port() const { return acceptor_.local_endpoint().port(); }
+  std::optional<unsigned short> metrics_port() const {
+    if (!metrics_acceptor_) return std::nullopt;
+    return metrics_acceptor_->local_endpoint().port();
+  }
   std::chrono::milliseconds idle_timeout() const { return cfg_.idle_timeout; }
   counters& count() { return count_; }
 
   void start() {
     asio::co_spawn(io_, accept_loop(), rethrow);
+    if (metrics_acceptor_) asio::co_spawn(io_, metrics_loop(), rethrow);
     signals_.async_wait([this](asio::error_code error, int signal_number) {
       if (!error) stop(signal_number);
     });
@@ -291,6 +303,8 @@ private:
   }
 
   awaitable<void> accept_loop();
+  awaitable<void> metrics_loop();
+  awaitable<void> serve_metrics(std::shared_ptr<tcp::socket> socket);
   void stop(int signal_number);
 
   asio::io_context& io_;
@@ -302,6 +316,8 @@ private:
   asio::signal_set signals_;
   asio::steady_timer drain_timer_;
   std::set<connection*> connections_;
+  std::optional<tcp::acceptor> metrics_acceptor_;          // with --metrics-port
+  std::set<std::shared_ptr<tcp::socket>> metrics_sockets_; // open HTTP connections, closed at stop
   counters count_;
   bool stopping_ = false;
   int stop_signal_ = 0;
@@ -562,11 +578,49 @@ awaitable<void> server::accept_loop() {
   }
 }
 
+// The metrics endpoint: the smallest HTTP/1.1 server a Prometheus scrape needs. One request per
+// connection (the answer says Connection: close), GET /metrics only, the request head bounded to 8 KiB
+// and 5 s; the batcher's counters are read per request, so nothing is done per job.
+awaitable<void> server::metrics_loop() {
+  while (!stopping_) {
+    auto [error, socket] = co_await metrics_acceptor_->async_accept(use_nothrow);
+    if (stopping_) break;
+    if (error) continue; // a failed accept on the metrics port costs the lookups nothing
+    auto shared = std::make_shared<tcp::socket>(std::move(socket));
+    metrics_sockets_.insert(shared);
+    asio::co_spawn(io_, serve_metrics(shared), asio::detached);
+  }
+}
+
+awaitable<void> server::serve_metrics(std::shared_ptr<tcp::socket> socket) {
+  std::string head;
+  asio::steady_timer deadline(io_, 5s);
+  const auto read =
+      co_await (asio::async_read_until(*socket, asio::dynamic_buffer(head, 8192), "\r\n\r\n", use_nothrow) ||
+                deadline.async_wait(use_nothrow));
+  if (read.index() == 0 && !std::get<0>(std::get<0>(read))) { // the head arrived in time
+    const bool wanted = head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?");
+    const std::string body = wanted ? microbatch::to_prometheus(batcher_->stats(), "lookups") : "not found\n";
+    const std::string response = std::string(wanted ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.1 404 Not Found\r\n") +
+                                 "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                                 "Content-Length: " +
+                                 std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+    co_await asio::async_write(*socket, asio::buffer(response), use_nothrow);
+  }
+  asio::error_code ignored;
+  socket->shutdown(tcp::socket::shutdown_both, ignored);
+  socket->close(ignored);
+  metrics_sockets_.erase(socket);
+}
+
 void server::stop(int signal_number) {
   stopping_ = true;
   stop_signal_ = signal_number;
   asio::error_code ignored;
   acceptor_.close(ignored);
+  if (metrics_acceptor_) metrics_acceptor_->close(ignored);
+  for (const auto& socket : metrics_sockets_)
+    socket->close(ignored); // a scrape in progress ends here; its coroutine finishes on its own
   for (connection* c : connections_)
     c->stop_reading();
   drain_timer_.expires_after(drain_timeout);
@@ -618,11 +672,19 @@ int serve(const arguments& args) {
   cfg.idle_timeout = std::chrono::milliseconds(args.number("idle-timeout-ms", 30000));
   cfg.db_connections = std::size_t(std::max(1L, args.number("db-connections", 4)));
   cfg.max_connections = std::size_t(std::max(1L, args.number("max-connections", 1024)));
+  if (args.named.contains("metrics-port")) {
+    if (!cfg.batched) {
+      std::fprintf(stderr, "--metrics-port serves the batcher's figures: batched mode only\n");
+      return 2;
+    }
+    cfg.metrics_port = static_cast<unsigned short>(args.number("metrics-port", 0));
+  }
 
   asio::io_context io(1);
   server s(io, cfg);
   s.start();
   std::printf("port %u\n", unsigned(s.port()));
+  if (const auto metrics = s.metrics_port()) std::printf("metrics_port %u\n", unsigned(*metrics));
   std::fflush(stdout);
   io.run();
   s.finish();
@@ -645,12 +707,14 @@ std::pair<std::string, std::string> request_for(std::uint64_t i) {
   return {"key" + std::to_string(i), "NOT_FOUND"};
 }
 
-awaitable<void> client_loop(tcp::socket socket, clock_type::time_point end, client_result& out, std::uint64_t seed) {
+awaitable<void> client_loop(tcp::socket socket, clock_type::time_point end, client_result& out, std::uint64_t seed,
+                            bool present_only) {
   std::mt19937_64 random(seed);
   std::string request, in;
+  const std::uint64_t keys = present_only ? table_rows : table_rows + table_rows / 64;
   try {
     while (clock_type::now() < end) {
-      auto [key, expected] = request_for(random() % (table_rows + table_rows / 64));
+      auto [key, expected] = request_for(random() % keys);
       request = "GET " + key + "\n";
       const auto start = clock_type::now();
       co_await asio::async_write(socket, asio::buffer(request), asio::use_awaitable);
@@ -683,6 +747,11 @@ int load(const arguments& args) {
   const std::size_t connections = std::size_t(std::max(1L, args.number("connections", 1)));
   const auto duration = std::chrono::milliseconds(long(1000 * std::strtod(args.get("seconds", "3").c_str(), nullptr)));
   const tcp::endpoint server_at(asio::ip::address_v4::loopback(), port);
+  const std::string keys = args.get("keys", "mixed");
+  if (keys != "mixed" && keys != "present") {
+    std::fprintf(stderr, "--keys is mixed or present\n");
+    return 2;
+  }
 
   asio::io_context io(1);
   const std::uint64_t calls_before = server_stats(io, port)["table_calls"];
@@ -699,9 +768,10 @@ int load(const arguments& args) {
         }
         start = clock_type::now();
         for (std::size_t i = 0; i < connections; ++i)
-          asio::co_spawn(
-              io, client_loop(std::move(sockets[i]), start + duration, results[i], 0x9e3779b97f4a7c15ull * (i + 1)),
-              asio::detached);
+          asio::co_spawn(io,
+                         client_loop(std::move(sockets[i]), start + duration, results[i],
+                                     0x9e3779b97f4a7c15ull * (i + 1), keys == "present"),
+                         asio::detached);
       },
       [](std::exception_ptr error) {
         if (error) std::rethrow_exception(error);
@@ -1008,8 +1078,8 @@ int stop(const arguments& args) {
 
 int main(int argc, char** argv) {
   const char* usage = "usage: %s serve [--port P] [--mode batched|direct] [--idle-timeout-ms T] [--db-connections C]\n"
-                      "                     [--max-connections M]\n"
-                      "       %s load --port P --connections N --seconds S\n"
+                      "                     [--max-connections M] [--metrics-port Q]\n"
+                      "       %s load --port P --connections N --seconds S [--keys mixed|present]\n"
                       "       %s check --port P --idle-timeout-ms T\n"
                       "       %s stop --port P --pid PID --signal TERM|INT\n";
   arguments args;
