@@ -458,3 +458,60 @@ TEST_CASE("an io_context destroyed with completions pending frees them without c
   } // ~io_context destroys the pending completion: no leak (ASan), no call
   CHECK(called->load() == 0);
 }
+
+TEST_CASE("async_execute accepts a KeyedBatcher: the job goes to its key's batch", "[asio][keyed]") {
+  net::io_context io;
+  auto process = [](const std::uint64_t& key, std::span<Job> jobs) {
+    std::vector<Result> results;
+    for (const Job& job : jobs)
+      results.push_back({job.id, job.value + int(key)});
+    return results;
+  };
+  microbatch::KeyedBatcher<std::uint64_t, Job, Result, decltype(process)> batcher(
+      process, [](const Job& job) { return job.id % 2; }, &Job::id, &Result::id,
+      microbatch::KeyedOptions<std::uint64_t>{.batching = {.max_batch_size = 2}});
+  outcome odd, even;
+  microbatch::async_execute(batcher, Job{1, 10}, net::bind_executor(io, [&](std::exception_ptr error, Result result) {
+                              odd = {error, result, std::this_thread::get_id(), true};
+                            }));
+  microbatch::async_execute(batcher, Job{2, 20}, net::bind_executor(io, [&](std::exception_ptr error, Result result) {
+                              even = {error, result, std::this_thread::get_id(), true};
+                            }));
+  batcher.flush();
+  io.run();
+  REQUIRE(odd.called);
+  REQUIRE(even.called);
+  CHECK(odd.result.value == 11);
+  CHECK(even.result.value == 20);
+  batcher.shutdown();
+  outcome refused;
+  microbatch::async_execute(batcher, Job{3, 1}, net::bind_executor(io, [&](std::exception_ptr error, Result result) {
+                              refused = {error, result, std::this_thread::get_id(), true};
+                            }));
+  CHECK_FALSE(refused.called); // never inline in the initiating call
+  io.restart();
+  io.run();
+  REQUIRE(refused.called);
+  CHECK(holds<microbatch::batcher_closed>(refused.error));
+}
+
+#if TEST_ASIO_TOKENS
+TEST_CASE("terminal cancellation takes a queued job out of its key's queue", "[asio][keyed]") {
+  net::io_context io;
+  auto process = [](const std::uint64_t&, std::span<Job> jobs) { return doubled(jobs); };
+  microbatch::KeyedBatcher<std::uint64_t, Job, Result, decltype(process)> batcher(
+      process, [](const Job& job) { return job.id; }, &Job::id, &Result::id,
+      microbatch::KeyedOptions<std::uint64_t>{
+          .batching = {.max_batch_size = 10, .max_batch_delay = std::chrono::hours(1)}});
+  net::cancellation_signal signal;
+  outcome seen;
+  microbatch::async_execute(batcher, Job{1, 1}, recorded_with_slot(io, signal, seen));
+  net::post(io, [&] { signal.emit(net::cancellation_type::terminal); });
+  io.run();
+  REQUIRE(seen.called);
+  CHECK(holds<microbatch::cancelled>(seen.error));
+  batcher.shutdown();
+  CHECK(batcher.stats().jobs_cancelled == 1);
+  CHECK(batcher.active_keys() == 0);
+}
+#endif

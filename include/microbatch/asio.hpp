@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -73,6 +74,13 @@ struct operation_access {
   template <class Batcher, class Node> static void cancelled_by_caller(Batcher& batcher, Node* node) noexcept {
     batcher.cancelled_by_caller(node);
   }
+  /// Starts `job` on the queue of its key: the operation lives on that key's Batcher, which its job's
+  /// hold keeps while the job is queued (so a cancellation finds it). A job no key can take (the keyed
+  /// batcher is shut down) completes with that error, posted to the handler's executor.
+  template <class Operation, class Keyed, class Handler, class Job>
+  static void start_keyed(Keyed& keyed, Handler&& handler, Job&& job);
+  template <class Keyed, class Handler, class Job>
+  static void start_keyed_operation(Keyed& keyed, Handler&& handler, Job&& job);
 };
 
 /// One `async_execute` operation: the job's node, the handler, and a hold on the handler's executor
@@ -311,6 +319,47 @@ template <class Job, class Result, class Processor> struct async_execute_initiat
   }
 };
 
+template <class Operation, class Keyed, class Handler, class Job>
+void operation_access::start_keyed(Keyed& keyed, Handler&& handler, Job&& job) {
+  typename Keyed::key_queue* queue = nullptr;
+  std::exception_ptr refused;
+  try {
+    keyed.parts_.admission_gate.throw_if_closed();
+    queue = keyed.hold_queue(std::invoke(keyed.batch_key_, std::as_const(job)), true);
+  } catch (...) {
+    refused = std::current_exception();
+  }
+  if (queue == nullptr) {
+    using result_type = asio_result_t<typename Keyed::result_type>;
+    auto executor = net::get_associated_executor(handler);
+    net::post(executor, [handler = std::forward<Handler>(handler), refused]() mutable {
+      std::move(handler)(refused, result_type{});
+    });
+    return;
+  }
+  struct release_hold {
+    Keyed& owner;
+    typename Keyed::key_queue& held;
+    ~release_hold() { owner.drop_holds(held, 1); }
+  } on_exit{keyed, *queue};
+  Operation::start(queue->batcher, std::forward<Handler>(handler), std::move(job));
+}
+
+template <class Keyed, class Handler, class Job>
+void operation_access::start_keyed_operation(Keyed& keyed, Handler&& handler, Job&& job) {
+  using operation = asio_operation<typename Keyed::job_type, typename Keyed::result_type, typename Keyed::key_processor,
+                                   std::decay_t<Handler>>;
+  start_keyed<operation>(keyed, std::forward<Handler>(handler), std::move(job));
+}
+
+template <class Key, class Job, class Result, class Processor> struct keyed_async_execute_initiation {
+  KeyedBatcher<Key, Job, Result, Processor>* batcher;
+
+  template <class Handler> void operator()(Handler&& handler, Job job) const {
+    operation_access::start_keyed_operation(*batcher, std::forward<Handler>(handler), std::move(job));
+  }
+};
+
 } // namespace detail
 
 /// Submits `job` to `batcher` as an Asio asynchronous operation: the completion signature is
@@ -347,6 +396,14 @@ auto async_execute(Batcher<Job, Result, Processor>& batcher, std::type_identity_
                    CompletionToken&& token) {
   return detail::net::async_initiate<CompletionToken, void(std::exception_ptr, detail::asio_result_t<Result>)>(
       detail::async_execute_initiation<Job, Result, Processor>{&batcher}, token, detail::take_job<Job>(job));
+}
+
+/// As `async_execute(batcher, job, token)`, into the batch of the job's key. Thread-safe.
+template <class Key, class Job, class Result, class Processor, class CompletionToken>
+auto async_execute(KeyedBatcher<Key, Job, Result, Processor>& batcher,
+                   std::type_identity_t<detail::job_argument<Job>> job, CompletionToken&& token) {
+  return detail::net::async_initiate<CompletionToken, void(std::exception_ptr, detail::asio_result_t<Result>)>(
+      detail::keyed_async_execute_initiation<Key, Job, Result, Processor>{&batcher}, token, detail::take_job<Job>(job));
 }
 
 } // namespace microbatch

@@ -588,6 +588,14 @@ private:
   /// (a pool worker) Runs one of our ready batches, if the pool found one; with dispatch when idle,
   /// then also what formed meanwhile (group commit), as a worker of our own would.
   void run_pooled_batch() noexcept {
+    if (watch_ == nullptr) return run_batch_in_slot();
+    if (!watch_->take_slot()) return; // the keyed batcher's cap for all keys: it readies us again
+    run_batch_in_slot();
+    watch_->give_slot();
+  }
+
+  /// (a pool worker) `run_pooled_batch` once the keyed batcher, if any, gave a slot.
+  void run_batch_in_slot() noexcept {
     batch jobs;
     bool queue_emptied = false;
     bool borrowed = false; // a slot for an idle dispatch, not for a queued batch

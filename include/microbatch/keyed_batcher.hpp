@@ -292,7 +292,8 @@ public:
     return parts_.counts.snapshot([this] { return submitted_.load(std::memory_order_acquire); });
   }
 
-  /// Keys that have jobs forming, queued or in the processor now. Thread-safe.
+  /// Keys that have jobs forming, queued or in the processor now, or whose state is being freed after
+  /// their last job ended (the pool's clock thread frees it moments later). Thread-safe.
   [[nodiscard]] std::size_t active_keys() const noexcept {
     return active_keys_.load(std::memory_order_acquire);
   }
@@ -321,6 +322,7 @@ private:
   };
   using queue_batcher = Batcher<Job, Result, key_processor>;
   friend queue_batcher;
+  friend struct detail::operation_access; // microbatch/asio.hpp: starts an operation on a key's queue
 
   static const auto& unwrapped(const Processor& processor) noexcept {
     if constexpr (detail::is_reference_wrapper_v<Processor>) {
@@ -372,6 +374,12 @@ private:
     }
     void destroy() noexcept override {
       owner.destroy_queue(this);
+    }
+    bool take_slot() noexcept override {
+      return owner.take_slot(*this);
+    }
+    void give_slot() noexcept override {
+      owner.give_slot();
     }
 
     KeyedBatcher& owner;
@@ -532,8 +540,37 @@ private:
     } else if (queues.bucket_count() > 64 && queues.size() * 8 < queues.bucket_count()) {
       queues.rehash(0);
     }
-    active_keys_.fetch_sub(1, std::memory_order_release);
     pool_->retire(queue.batcher.pool_link_); // destroy() comes once no pool thread is inside it
+  }
+
+  /// A pool thread may run a batch of `queue` if fewer than `max_concurrent_batches` of ours run. On a
+  /// private pool its size is that bound already; on a shared one the queues refused wait here (each
+  /// with a hold) until a slot is free.
+  bool take_slot(key_queue& queue) noexcept {
+    if (!options_.batching.workers) return true;
+    std::lock_guard lock(slots_mutex_);
+    if (running_batches_ < options_.batching.max_concurrent_batches) {
+      ++running_batches_;
+      return true;
+    }
+    queue.holds.fetch_add(1, std::memory_order_relaxed); // dropped when it is readied again
+    refused_.push_back(&queue);
+    return false;
+  }
+
+  /// A batch `take_slot` allowed is over: every refused queue is readied again (one may take the slot).
+  void give_slot() noexcept {
+    if (!options_.batching.workers) return;
+    std::vector<key_queue*> again;
+    {
+      std::lock_guard lock(slots_mutex_);
+      --running_batches_;
+      again.swap(refused_);
+    }
+    for (key_queue* queue : again) {
+      pool_->batch_ready(queue->batcher.pool_link_);
+      drop_holds(*queue, 1);
+    }
   }
 
   /// (the pool's clock thread) A retired queue is left by every pool thread: free it.
@@ -542,6 +579,7 @@ private:
       std::lock_guard lock(queue->home.mutex); // the thread that retired it has let go of the shard
     }
     delete queue;
+    active_keys_.fetch_sub(1, std::memory_order_release); // after the free: 0 means the memory is back
     std::lock_guard lock(live_mutex_); // notified under the lock: shutdown may destroy us once it is released
     if (--live_queues_ == 0) all_freed_.notify_all();
   }
@@ -577,6 +615,9 @@ private:
   alignas(64) std::atomic<std::uint64_t> submitted_{0}; // jobs accepted (Stats::jobs_submitted)
   alignas(64) std::atomic<std::size_t> active_keys_{0};
   std::array<shard, shard_count> shards_;
+  std::mutex slots_mutex_;
+  std::size_t running_batches_ = 0; // guarded by slots_mutex_: on a shared pool, batches of ours running
+  std::vector<key_queue*> refused_; // guarded by slots_mutex_: queues a full cap turned away, held
   std::mutex live_mutex_;
   std::condition_variable all_freed_;
   std::size_t live_queues_ = 0; // guarded by live_mutex_: made and not yet freed

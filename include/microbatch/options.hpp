@@ -46,12 +46,14 @@ struct BatchInfo {
 };
 
 /// Percentiles of a duration over a batcher's life (`Stats::queue_wait`, `Stats::processing_time`),
-/// from a fixed-size histogram: p50 and p99 within about 3% of the true value, `max` exact. All zero
-/// before the first batch.
+/// from a fixed-size histogram: p50 and p99 within about 3% of the true value, `max` and `sum` exact.
+/// All zero before the first batch. One duration per batch that reached the processor
+/// (`Stats::batches_processed` of them).
 struct Percentiles {
   std::chrono::nanoseconds p50{0};
   std::chrono::nanoseconds p99{0};
   std::chrono::nanoseconds max{0};
+  std::chrono::nanoseconds sum{0}; ///< of every duration recorded (a Prometheus summary's _sum)
 };
 
 /// What a batch does with jobs whose correlation ID equals an earlier job's in the same batch.
@@ -154,6 +156,10 @@ struct Stats {
   std::uint64_t observer_errors = 0;      ///< exceptions that escaped Options::on_batch (contained)
   double batch_size_mean = 0;             ///< jobs per processor call, over the batcher's life
   std::size_t batch_size_max = 0;         ///< the largest batch handed to the processor
+  std::uint64_t batches_processed = 0;    ///< processor calls (a batch whose jobs all ended first makes none)
+  std::uint64_t jobs_processed = 0;       ///< jobs handed to the processor, over all its calls
+  std::size_t batch_size_p50 = 0;         ///< median jobs per processor call (within about 3%)
+  std::size_t batch_size_p99 = 0;         ///< 99th percentile of jobs per processor call (within about 3%)
   Percentiles queue_wait{};               ///< per batch: its oldest job's wait from submit to processor
   Percentiles processing_time{};          ///< per batch: the processor call
 };

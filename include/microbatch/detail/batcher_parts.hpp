@@ -74,6 +74,11 @@ public:
   virtual void left(std::size_t jobs) noexcept = 0;
   /// After the queue was retired from its pool: no pool thread is inside it any more.
   virtual void destroy() noexcept = 0;
+  /// A pool thread is about to take one of the queue's batches: false if the keyed batcher's cap
+  /// (`max_concurrent_batches`, all keys together) is reached; it readies the queue again later.
+  virtual bool take_slot() noexcept = 0;
+  /// The batch `take_slot` allowed is over.
+  virtual void give_slot() noexcept = 0;
 
 protected:
   ~queue_watch() = default;

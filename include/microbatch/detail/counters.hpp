@@ -73,6 +73,8 @@ public:
     }
     queue_wait_.record(info.queue_wait);
     processing_time_.record(info.processing_time);
+    // The histogram counts non-negative integers; durations are only its usual unit.
+    batch_size_.record(std::chrono::nanoseconds(static_cast<std::int64_t>(info.size)));
   }
 
   void uncorrelated(std::uint64_t results) noexcept {
@@ -104,6 +106,11 @@ public:
     const auto calls = processor_calls_.load(std::memory_order_relaxed);
     s.batch_size_mean = calls == 0 ? 0.0 : double(jobs_processed_.load(std::memory_order_relaxed)) / double(calls);
     s.batch_size_max = batch_size_max_.load(std::memory_order_relaxed);
+    s.batches_processed = calls;
+    s.jobs_processed = jobs_processed_.load(std::memory_order_relaxed);
+    const Percentiles sizes = batch_size_.percentiles();
+    s.batch_size_p50 = static_cast<std::size_t>(sizes.p50.count());
+    s.batch_size_p99 = static_cast<std::size_t>(sizes.p99.count());
     s.queue_wait = queue_wait_.percentiles();
     s.processing_time = processing_time_.percentiles();
     s.uncorrelated_results = uncorrelated_results_.load(std::memory_order_relaxed);
@@ -132,6 +139,7 @@ private:
   std::atomic<std::size_t> batch_size_max_{0};
   histogram queue_wait_;
   histogram processing_time_;
+  histogram batch_size_; // jobs per processor call, recorded as nanoseconds
   std::atomic<std::uint64_t> uncorrelated_results_{0};
   std::atomic<std::uint64_t> callback_errors_{0};
 };

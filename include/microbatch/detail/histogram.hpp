@@ -24,12 +24,13 @@ public:
   void record(std::chrono::nanoseconds duration) noexcept {
     const auto value = static_cast<std::uint64_t>(duration.count() < 0 ? 0 : duration.count());
     counts_[index(value)].fetch_add(1, std::memory_order_relaxed);
+    sum_.fetch_add(value, std::memory_order_relaxed);
     std::uint64_t seen = max_.load(std::memory_order_relaxed);
     while (value > seen && !max_.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
     }
   }
 
-  /// p50, p99 and max over everything recorded so far; all zero before the first record.
+  /// p50, p99, max and sum over everything recorded so far; all zero before the first record.
   [[nodiscard]] Percentiles percentiles() const noexcept {
     std::array<std::uint64_t, buckets> snapshot{};
     std::uint64_t total = 0;
@@ -48,7 +49,8 @@ public:
       }
       return std::chrono::nanoseconds(static_cast<std::int64_t>(max));
     };
-    return {at(0.50), at(0.99), std::chrono::nanoseconds(static_cast<std::int64_t>(max))};
+    return {at(0.50), at(0.99), std::chrono::nanoseconds(static_cast<std::int64_t>(max)),
+            std::chrono::nanoseconds(static_cast<std::int64_t>(sum_.load(std::memory_order_relaxed)))};
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -78,6 +80,7 @@ private:
 
   std::array<std::atomic<std::uint64_t>, buckets> counts_{};
   std::atomic<std::uint64_t> max_{0};
+  std::atomic<std::uint64_t> sum_{0};
 };
 
 } // namespace microbatch::detail
