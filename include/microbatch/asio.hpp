@@ -342,14 +342,14 @@ void operation_access::start_keyed(Keyed& keyed, Handler&& handler, Job&& job) {
     typename Keyed::key_queue& held;
     ~release_hold() { owner.drop_holds(held, 1); }
   } on_exit{keyed, *queue};
-  Operation::start(queue->batcher, std::forward<Handler>(handler), std::move(job));
+  Operation::start(queue->batcher, std::forward<Handler>(handler), std::forward<Job>(job));
 }
 
 template <class Keyed, class Handler, class Job>
 void operation_access::start_keyed_operation(Keyed& keyed, Handler&& handler, Job&& job) {
   using operation = asio_operation<typename Keyed::job_type, typename Keyed::result_type, typename Keyed::key_processor,
                                    std::decay_t<Handler>>;
-  start_keyed<operation>(keyed, std::forward<Handler>(handler), std::move(job));
+  start_keyed<operation>(keyed, std::forward<Handler>(handler), std::forward<Job>(job));
 }
 
 template <class Key, class Job, class Result, class Processor> struct keyed_async_execute_initiation {

@@ -459,7 +459,7 @@ private:
     return options;
   }
 
-  Options per_key(const Options& batching) const {
+  [[nodiscard]] Options per_key(const Options& batching) const {
     Options each = batching;
     each.max_concurrent_batches = options_.max_concurrent_batches_per_key;
     each.max_pending_jobs = 0; // the bound for all keys is the shared gate's
@@ -603,7 +603,7 @@ private:
   Processor processor_;
   std::function<Key(const Job&)> batch_key_;
   const KeyedOptions<Key> options_;
-  const bool correlated_;
+  const bool correlated_ = false; // set by the constructor: IDs, or positional
   const bool coalesce_ = options_.batching.duplicate_ids == DuplicateIds::coalesce;
   const std::size_t max_pending_per_key_ = options_.max_pending_jobs_per_key;
   const std::shared_ptr<WorkerPool> pool_ =

@@ -38,11 +38,12 @@ public:
   /// will be again; its owner may free it now.
   virtual void destroy() noexcept {}
 
+  pool_client(const pool_client&) = delete;
+  pool_client& operator=(const pool_client&) = delete;
+
 protected:
   pool_client() = default;
   ~pool_client() = default;
-  pool_client(const pool_client&) = delete;
-  pool_client& operator=(const pool_client&) = delete;
 
 private:
   friend class microbatch::WorkerPool;
